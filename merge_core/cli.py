@@ -1,0 +1,185 @@
+"""Command line: python -m merge_core {merge,inspect,demo,app,hyper,...}."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .compute import METHODS
+from .errors import MergeError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True,
+                   help="checkpoint files, HF-style model folders, or one folder whose *.safetensors are taken "
+                        "in natural sort order")
+    p.add_argument("--method", choices=METHODS, default="karcher")
+    p.add_argument("--output", required=True, help="output .safetensors file (or a folder name for sharded output)")
+    p.add_argument("--alphas", type=_floats, help="karcher: per-model weights (normalised to sum 1)")
+    p.add_argument("--weights", type=_floats, help='wma: per-model weights, e.g. "0.5,0.3,0.2" (default N..1)')
+    p.add_argument("--alpha", type=float, default=0.5, help="ema: weight of each newer model, in (0, 1]")
+    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 gives the first model, 1 the second")
+    p.add_argument("--multiplier", "-m", type=float, default=0.5, help="weighted / add-difference: M")
+    p.add_argument("--base", help="karcher/slerp: merge differences from this base model and add it back")
+    p.add_argument("--karcher-iter", type=int, default=10)
+    p.add_argument("--karcher-tol", type=float, default=1e-5)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="output dtype of float tensors (auto: as in the first model)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp64"], help="dtype the math runs in")
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default min(4, CPUs))")
+    p.add_argument("--strict", action="store_true", help="refuse keys missing from some models")
+    p.add_argument("--force", action="store_true", help="merge different architectures on their common keys")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+    p.add_argument("--copy-extra-files", action="store_true",
+                   help="copy the first model's non-weight files (configs, tokenizer) beside the output")
+    p.add_argument("--no-hash", action="store_true", help="skip sha256 of the inputs for the recipe")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = tqdm(total=0, unit="key", dynamic_ncols=True, leave=False)
+
+    def update(done: int, total: int, key: str):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(key[-48:], refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def cmd_merge(args) -> int:
+    from .engine import merge
+    from .io.sources import expand_model_args
+    models = expand_model_args(args.models)
+    if len(args.models) == 1 and len(models) > 1 and not args.quiet:
+        print(f"models from {args.models[0]} (natural order):")
+        for i, m in enumerate(models, 1):
+            print(f"  {i}. {m.name}")
+    weights = args.alphas if args.method == "karcher" else args.weights
+    update, close = _progress_bar(args.quiet)
+    try:
+        result = merge(models, args.method, output=args.output, weights=weights, t=args.t, alpha=args.alpha,
+                       multiplier=args.multiplier, base=args.base, device=args.device, dtype=args.dtype,
+                       precision=args.precision, karcher_iter=args.karcher_iter, karcher_tol=args.karcher_tol,
+                       threads=args.threads, strict=args.strict, force=args.force, overwrite=args.overwrite,
+                       copy_extra_files=args.copy_extra_files, progress=update, hash_inputs=not args.no_hash)
+    finally:
+        close()
+    if not args.quiet:
+        print(format_summary(result))
+    return 0
+
+
+def format_summary(result) -> str:
+    s = result.summary
+    lines = [f"wrote {result.path} ({s['keys']} tensors: {s['merged']} merged, {s['copied']} copied) "
+             f"in {s['seconds']:.2f} s; architecture {result.architecture}; "
+             f"method {result.recipe['method']} {json.dumps(result.recipe['parameters'])}"]
+    if s["missing_keys"]:
+        lines.append(f"{len(s['missing_keys'])} keys not in every model (copied from the models that have them):")
+        lines += [f"  {k}: missing in {', '.join(v)}" for k, v in list(s["missing_keys"].items())[:20]]
+        if len(s["missing_keys"]) > 20:
+            lines.append(f"  ... and {len(s['missing_keys']) - 20} more")
+    for k, v in s["partial_shape_keys"].items():
+        lines.append(f"partial merge {k}: {v}")
+    for k, v in s["forced_copies"].items():
+        lines.append(f"--force: {k}: {v}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import format_inspection, inspect_model
+    for path in args.files:
+        info = inspect_model(path, with_hash=not args.no_hash)
+        print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import write_demo_models
+    from .engine import merge
+    from .inspect import inspect_model
+    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="manifold-merge-demo-"))
+    paths = write_demo_models(folder)
+    print(f"demo checkpoints (SD1.5 layout, small) in {folder}:")
+    for p in paths:
+        info = inspect_model(p)
+        print(f"  {p.name}: {info['architecture']}, {info['tensors']} tensors, {info['parameters']:,} parameters")
+    runs = [("karcher", paths, {}), ("slerp", paths[:2], {"t": 0.3}), ("sma", paths, {}),
+            ("ema", paths, {"alpha": 0.5}), ("wma", paths, {"weights": [3, 2, 1]}),
+            ("weighted", paths[:2], {"multiplier": 0.25}), ("add-difference", paths, {"multiplier": 1.0}),
+            ("karcher", paths[1:], {"base": paths[0]}), ("slerp", paths[1:], {"base": paths[0], "t": 0.5})]
+    for method, inputs, kw in runs:
+        suffix = "-base" if "base" in kw else ""
+        out = folder / f"merged_{method}{suffix}.safetensors"
+        t0 = time.perf_counter()
+        result = merge(inputs, method, output=out, overwrite=True, **kw)
+        print(f"  {method + suffix:16s} {len(inputs)} models -> {out.name}: {result.summary['merged']} merged, "
+              f"{result.summary['copied']} copied, {time.perf_counter() - t0:.2f} s, "
+              f"weights {result.metadata.get('normalized_weights')}")
+    print("done: every method ran on the demo checkpoints.")
+    return 0
+
+
+def cmd_app(args) -> int:
+    try:
+        from manifold_webui.app import main as app_main  # gradio is imported only here
+    except ImportError as exc:
+        print(f"error: the web app needs gradio (pip install -r requirements-app.txt): {exc}", file=sys.stderr)
+        return 2
+    return app_main(args.app_args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merge_core", description="Manifold Merge: merge SD checkpoints")
+    parser.add_argument("--version", action="version", version=f"manifold-merge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_merge_parser(sub)
+    p = sub.add_parser("inspect", help="architecture, dtypes, size, hash and metadata of checkpoints")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-hash", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("demo", help="build small demo checkpoints and run every method on them")
+    p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("app", help="the merge tab as a standalone local web app (needs gradio)")
+    p.add_argument("app_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_app)
+    try:
+        from .hyper.cli import add_subcommands
+    except ImportError:
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,348 @@
+"""The streaming merge engine: open -> plan -> execute (read, compute, write) -> commit.
+
+Each output key is one task: read that key from every input (positioned reads,
+no whole model in memory), merge on the chosen device in float32/float64,
+cast to the output dtype, write it at its place in the output file. A small
+thread pool overlaps reading, computing and writing of neighbouring keys; at
+most `2 x threads` tasks are in flight, which bounds peak memory to a few
+times (inputs + 2) x the largest tensor.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .compute import BASE_METHODS, PRECISIONS, MethodConfig
+from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
+from .io.hashing import file_sha256
+from .io.safetensors_file import SafetensorsWriter, check_output_path
+from .io.sources import ModelSource, open_model
+from .io.spec import TensorSpec
+from .plan import KeyTask, MergePlan, build_plan
+from .recipe import build_metadata
+
+ProgressCallback = Callable[[int, int, str], "bool | None"]
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
+
+
+@dataclass
+class MergeResult:
+    path: Path | None
+    state_dict: dict[str, torch.Tensor] | None
+    architecture: str
+    metadata: dict[str, str]
+    recipe: dict
+    summary: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"device {name!r} was requested but CUDA is not available (torch {torch.__version__}); "
+            f"use --device cpu, or --device auto to fall back to the CPU")
+    return dev
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _check_output_not_input(output: Path, sources: Sequence[ModelSource]) -> None:
+    for src in sources:
+        if src.path is None:
+            continue
+        paths = [Path(src.path)]
+        if Path(src.path).is_dir():
+            paths += list(Path(src.path).iterdir())
+        for p in paths:
+            if output.exists() and p.exists() and os.path.samefile(output, p):
+                raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
+            if output.resolve() == p.resolve():
+                raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
+
+
+class _Sink:
+    """Where merged tensors go: a safetensors file, a sharded folder, or a dict."""
+
+    def __init__(self, output: Path | None, specs: dict[str, TensorSpec], overwrite: bool,
+                 output_device: torch.device, max_shard_bytes: int):
+        self.output = output
+        self.state_dict: dict[str, torch.Tensor] | None = None
+        self._writers: list[SafetensorsWriter] = []
+        self._key_writer: dict[str, SafetensorsWriter] = {}
+        self._output_device = output_device
+        self._tmp_dir: Path | None = None
+        self._overwrite = overwrite
+        self._specs = specs
+        self._max_shard = max_shard_bytes
+        self._lock = threading.Lock()
+
+    @property
+    def is_folder(self) -> bool:
+        return self.output is not None and self.output.suffix.lower() != ".safetensors"
+
+    def __enter__(self):
+        if self.output is None:
+            self.state_dict = {}
+            return self
+        if not self.is_folder:
+            writer = SafetensorsWriter(self.output, self._specs, overwrite=self._overwrite).__enter__()
+            self._writers = [writer]
+            self._key_writer = {k: writer for k in self._specs}
+            return self
+        # Folder output: shards + index, built in a hidden temp folder and renamed into place.
+        check_output_path(self.output, self._overwrite)
+        self._tmp_dir = self.output.parent / f".{self.output.name}.tmp-merge"
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._tmp_dir.mkdir()
+        shards: list[dict[str, TensorSpec]] = [{}]
+        size = 0
+        for key, spec in self._specs.items():
+            if size and size + spec.nbytes > self._max_shard:
+                shards.append({})
+                size = 0
+            shards[-1][key] = spec
+            size += spec.nbytes
+        total = len(shards)
+        self.shard_names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+                            for i in range(total)]
+        for name, shard in zip(self.shard_names, shards):
+            writer = SafetensorsWriter(self._tmp_dir / name, shard).__enter__()
+            self._writers.append(writer)
+            for key in shard:
+                self._key_writer[key] = writer
+        return self
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        if self.state_dict is not None:
+            with self._lock:
+                self.state_dict[key] = tensor.to(self._output_device)
+        else:
+            self._key_writer[key].write(key, tensor)
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        for writer in self._writers:
+            writer.set_metadata(metadata)
+
+    def commit(self, copy_extra_from: Path | None) -> None:
+        for writer in self._writers:
+            writer.__exit__(None, None, None)
+        if self._tmp_dir is None:
+            return
+        import json
+        index = {"metadata": {"total_size": sum(s.nbytes for s in self._specs.values())},
+                 "weight_map": {k: w.path.name for k, w in self._key_writer.items()}}
+        if len(self._writers) > 1:
+            (self._tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if copy_extra_from is not None:
+            copy_extra_files(copy_extra_from, self._tmp_dir)
+        if self.output.exists():
+            old = self.output.parent / f".{self.output.name}.old-merge"
+            os.replace(self.output, old)
+            os.replace(self._tmp_dir, self.output)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(self._tmp_dir, self.output)
+        self._tmp_dir = None
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.__exit__(MergeCancelled, None, None)
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self.state_dict = None
+
+
+def copy_extra_files(source_folder: Path, target: Path) -> list[str]:
+    """Copy the first model's non-weight files (configs, tokenizer...), never its shard index."""
+    copied = []
+    for item in sorted(source_folder.iterdir()):
+        if (item.name.startswith(".") or not item.is_file() or item.suffix.lower() in WEIGHT_SUFFIXES
+                or item.name.endswith(".index.json")):
+            continue
+        dest = target / item.name
+        if dest.exists():
+            continue
+        shutil.copy2(item, dest)
+        copied.append(item.name)
+    return copied
+
+
+def _first_nonfinite_input(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None) -> str | None:
+    for i in task.sources:
+        if not bool(torch.isfinite(models[i].load(task.key).float()).all()):
+            return models[i].name
+    if task.use_base and base is not None and not bool(torch.isfinite(base.load(task.key).float()).all()):
+        return base.name
+    return None
+
+
+def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None, config: MethodConfig,
+              device: torch.device) -> torch.Tensor:
+    out_dtype = task.out_spec.dtype
+    if task.action == "copy":
+        tensor = models[task.sources[0]].load(task.key)
+        out = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+    else:
+        tensors = [models[i].load(task.key).to(device) for i in task.sources]
+        if task.partial_dim is not None:
+            dim, common = task.partial_dim, task.common
+            merged = config.merge_tensors([t.narrow(dim, 0, common) for t in tensors], None, out_dtype)
+            out = tensors[task.extra_from].to(out_dtype, copy=True)
+            out.narrow(dim, 0, common).copy_(merged)
+        else:
+            base_tensor = base.load(task.key).to(device) if task.use_base else None
+            out = config.merge_tensors(tensors, base_tensor, out_dtype)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        culprit = _first_nonfinite_input(task, models, base)
+        if culprit:
+            raise BadCheckpoint(f"{culprit}: tensor {task.key!r} contains NaN or Inf")
+        raise NonFiniteOutput(f"merged tensor {task.key!r} is not finite (overflow in {out_dtype}?); "
+                              f"try --dtype fp32")
+    return out.cpu() if out.device.type != "cpu" else out
+
+
+def _execute(plan: MergePlan, models, base, config, device, sink: _Sink, threads: int,
+             progress: ProgressCallback | None) -> None:
+    total = len(plan.tasks)
+    tasks = iter(plan.tasks)
+    done = 0
+    max_in_flight = max(1, 2 * threads)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+        pending: dict[Future, str] = {}
+
+        def submit_next() -> bool:
+            task = next(tasks, None)
+            if task is None:
+                return False
+            fut = pool.submit(lambda t=task: sink.put(t.key, _run_task(t, models, base, config, device)))
+            pending[fut] = task.key
+            return True
+
+        try:
+            while len(pending) < max_in_flight and submit_next():
+                pass
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    key = pending.pop(fut)
+                    fut.result()  # re-raises a task's error
+                    done += 1
+                    if progress is not None and progress(done, total, key) is False:
+                        raise MergeCancelled("merge cancelled; nothing was written")
+                    submit_next()
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _hash_sources(sources: Sequence[ModelSource], results: dict, enabled: bool) -> threading.Thread | None:
+    files = [s for s in sources if s is not None and s.path is not None and Path(s.path).is_file()]
+    if not enabled or not files:
+        return None
+
+    def work():
+        for src in files:
+            try:
+                results[src.name] = file_sha256(src.path)
+            except OSError:
+                results[src.name] = None
+
+    thread = threading.Thread(target=work, name="merge-hash", daemon=True)
+    thread.start()
+    return thread
+
+
+def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float] | None = None,
+          t: float = 0.5, alpha: float = 0.5, multiplier: float = 0.5, base=None, device="cpu",
+          dtype: str = "auto", precision: str = "fp32", karcher_iter: int = 10, karcher_tol: float = 1e-5,
+          threads: int | None = None, strict: bool = False, force: bool = False, overwrite: bool = False,
+          copy_extra_files: bool = False, progress: ProgressCallback | None = None,
+          names: Sequence[str] | None = None, output_device="cpu", hash_inputs: bool = True,
+          max_shard_bytes: int = 5 * 1024 ** 3) -> MergeResult:
+    """Merge `models` (paths, state dicts or ModelSources) with `method`; see docs/API.md."""
+    started = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise MergeError(f"unknown precision {precision!r} (fp32 or fp64)")
+    if dtype not in ("auto", "fp16", "bf16", "fp32"):
+        raise MergeError(f"unknown output dtype {dtype!r} (auto, fp16, bf16 or fp32)")
+    if base is not None and method not in BASE_METHODS:
+        raise MergeError(f"a base model only applies to {' and '.join(BASE_METHODS)}, not {method}")
+    try:
+        config = MethodConfig(method, len(models), tuple(weights) if weights is not None else None, t, alpha,
+                              multiplier, karcher_iter, karcher_tol, PRECISIONS[precision])
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
+    dev = resolve_device(device)
+    out_dev = resolve_device(output_device)
+    output_path = Path(output) if output is not None else None
+    if output_path is not None:
+        if output_path.suffix and output_path.suffix.lower() != ".safetensors":
+            raise MergeError(f"{output_path}: output must be .safetensors (or a folder name for sharded output)")
+        check_output_path(output_path, overwrite)
+    threads = threads or default_threads()
+
+    sources: list[ModelSource] = []
+    base_source = None
+    try:
+        for i, model in enumerate(models):
+            name = names[i] if names is not None else (None if not isinstance(model, Mapping) else f"model{i + 1}")
+            sources.append(open_model(model, name))
+        if base is not None:
+            base_source = open_model(base, "base" if isinstance(base, Mapping) else None)
+        if output_path is not None:
+            _check_output_not_input(output_path, sources + ([base_source] if base_source else []))
+        plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
+        hashes: dict[str, str | None] = {}
+        hasher = _hash_sources(sources + [base_source], hashes, hash_inputs and output_path is not None)
+        sink = _Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes)
+        sink.__enter__()
+        try:
+            _execute(plan, sources, base_source, config, dev, sink, threads, progress)
+            if hasher is not None:
+                hasher.join()
+            metadata = build_metadata(
+                method=method, params=config.recipe_params(), names=[s.name for s in sources],
+                hashes=[hashes.get(s.name) for s in sources], coefficients=config.reported_weights(),
+                base_name=base_source.name if base_source else None,
+                base_hash=hashes.get(base_source.name) if base_source else None,
+                architecture=plan.architecture, output_dtype=dtype)
+            sink.set_metadata(metadata)
+            first_folder = Path(sources[0].path) if sources[0].path is not None else None
+            if first_folder is not None and first_folder.is_file():
+                first_folder = first_folder.parent
+            sink.commit(first_folder if copy_extra_files else None)
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        for src in sources + ([base_source] if base_source else []):
+            src.close()
+
+    import json
+    summary = {
+        "keys": len(plan.tasks),
+        "merged": sum(1 for t in plan.tasks if t.action == "merge"),
+        "copied": sum(1 for t in plan.tasks if t.action == "copy"),
+        "missing_keys": plan.missing,
+        "partial_shape_keys": plan.partial,
+        "forced_copies": plan.forced_copies,
+        "keys_without_base": plan.no_base,
+        "architectures": plan.architectures,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return MergeResult(path=output_path, state_dict=sink.state_dict, architecture=plan.architecture,
+                       metadata=metadata, recipe=json.loads(metadata["manifold_merge_recipe"]), summary=summary)

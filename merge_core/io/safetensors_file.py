@@ -1,0 +1,288 @@
+"""Reading and writing .safetensors without holding a whole model.
+
+The reader parses and validates the header itself (so a truncated file or a
+header whose offsets lie gives a clear error instead of a crash or a silent
+garbage tensor) and reads each tensor with positioned reads, which release the
+GIL and let several worker threads read at once.
+
+The writer knows every output key's shape and dtype up front (from the plan),
+so it lays out the file first and then accepts tensors in any order, from any
+thread. It writes into a hidden temporary file beside the target and renames it
+into place only when every tensor is written: an error or Ctrl-C leaves no
+partial file and never touches an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import threading
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import BadCheckpoint, OutputExists
+from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec, dtype_size
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_ALIGN = 8
+HEADER_SLACK = 16 * 1024  # room for metadata that is only known at the end (input hashes)
+
+
+def _read_exact(fd: int, lock: threading.Lock, buf: memoryview, offset: int) -> int:
+    """Fill `buf` from `offset`; returns bytes read (short only at end of file)."""
+    done = 0
+    if hasattr(os, "preadv"):
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        return done
+    with lock:  # Windows: no pread, serialise seek+read per file
+        os.lseek(fd, offset, os.SEEK_SET)
+        while done < len(buf):
+            chunk = os.read(fd, len(buf) - done)
+            if not chunk:
+                break
+            buf[done:done + len(chunk)] = chunk
+            done += len(chunk)
+    return done
+
+
+def _write_all(fd: int, lock: threading.Lock, data: memoryview, offset: int) -> None:
+    if hasattr(os, "pwrite"):
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        return
+    with lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+
+
+def parse_header(path: str, fd: int, file_size: int):
+    """Return (specs, data offsets, data start, metadata), validating everything."""
+    if file_size < 8:
+        raise BadCheckpoint(f"{path}: not a safetensors file (only {file_size} bytes)")
+    raw = os.pread(fd, 8, 0) if hasattr(os, "pread") else _pread_fallback(fd, 8, 0)
+    (header_len,) = struct.unpack("<Q", raw)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise BadCheckpoint(
+            f"{path}: corrupt or truncated safetensors file (header claims {header_len} bytes, "
+            f"file has {file_size})")
+    header_bytes = os.pread(fd, header_len, 8) if hasattr(os, "pread") else _pread_fallback(fd, header_len, 8)
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadCheckpoint(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise BadCheckpoint(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise BadCheckpoint(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    specs: dict[str, TensorSpec] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for key, info in header.items():
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError):
+            raise BadCheckpoint(f"{path}: corrupt safetensors header entry for {key!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise BadCheckpoint(f"{path}: tensor {key!r} has unsupported dtype {dtype_name}")
+        spec = TensorSpec(shape, SAFETENSORS_DTYPES[dtype_name])
+        if any(s < 0 for s in shape) or not (0 <= begin <= end) or end - begin != spec.nbytes:
+            raise BadCheckpoint(
+                f"{path}: header lies about tensor {key!r} (offsets {begin}..{end} for shape "
+                f"{list(shape)} {dtype_name} = {spec.nbytes} bytes)")
+        if end > data_size:
+            raise BadCheckpoint(
+                f"{path}: truncated file: tensor {key!r} ends at byte {data_start + end}, "
+                f"file has {file_size}")
+        specs[key] = spec
+        offsets[key] = (begin, end)
+    spans = sorted(offsets.values())
+    for (b0, e0), (b1, e1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise BadCheckpoint(f"{path}: header lies: tensors overlap at bytes {b1}..{e0}")
+    return specs, offsets, data_start, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _pread_fallback(fd: int, n: int, offset: int) -> bytes:
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
+
+
+class SafetensorsReader:
+    """Lazy, validated, thread-safe reader of one .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            raise BadCheckpoint(f"{self.path}: file not found") from None
+        except IsADirectoryError:
+            raise BadCheckpoint(f"{self.path}: is a directory, not a safetensors file") from None
+        except OSError as exc:
+            raise BadCheckpoint(f"{self.path}: cannot open ({exc.strerror})") from None
+        self._lock = threading.Lock()
+        try:
+            size = os.fstat(self._fd).st_size
+            self.specs, self._offsets, self._data_start, self.metadata = parse_header(self.path, self._fd, size)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def keys(self) -> list[str]:
+        # File order: reading in offset order keeps the disk access sequential.
+        return sorted(self.specs, key=lambda k: self._offsets[k][0])
+
+    def load(self, key: str) -> torch.Tensor:
+        spec = self.specs[key]
+        begin, end = self._offsets[key]
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+        got = _read_exact(self._fd, self._lock, memoryview(raw.numpy()), self._data_start + begin)
+        if got != spec.nbytes:
+            raise BadCheckpoint(f"{self.path}: truncated while reading tensor {key!r}")
+        return raw.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], size: int | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key, spec in specs.items():
+        header[key] = {"dtype": TORCH_TO_SAFETENSORS[spec.dtype], "shape": list(spec.shape),
+                       "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if size is None:
+        size = len(body) + HEADER_SLACK
+        size += (-(8 + size)) % HEADER_ALIGN  # tensor data starts 8-byte aligned
+    if len(body) > size:
+        raise ValueError("safetensors header grew beyond its reserved size")
+    return body + b" " * (size - len(body))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def check_output_path(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OutputExists(f"{path}: output already exists (use --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise OutputExists(f"{path}: output folder {path.parent} does not exist")
+
+
+class SafetensorsWriter:
+    """Atomic, any-order, thread-safe writer. Use as a context manager."""
+
+    def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False):
+        self.path = Path(path)
+        self.specs = dict(specs)
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self._fd = None
+        self._tmp = None
+        self._lock = threading.Lock()
+        self._written: set[str] = set()
+        self._offsets: dict[str, int] = {}
+
+    def __enter__(self) -> "SafetensorsWriter":
+        check_output_path(self.path, self.overwrite)
+        for key, spec in self.specs.items():
+            if spec.dtype not in TORCH_TO_SAFETENSORS:
+                raise ValueError(f"{key}: dtype {spec.dtype} cannot be stored in safetensors")
+        self._header = _header_bytes(self.specs, self.metadata, None)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                         suffix=".tmp-merge")
+        self._fd = fd
+        try:
+            data_start = 8 + len(self._header)
+            offset = data_start
+            for key, spec in self.specs.items():
+                self._offsets[key] = offset
+                offset += spec.nbytes
+            os.ftruncate(fd, offset)
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def set_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace the metadata (e.g. once input hashes are known); written at commit."""
+        self.metadata = dict(metadata)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[key]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"{key}: expected {list(spec.shape)} {spec.dtype}, got "
+                             f"{list(tensor.shape)} {tensor.dtype}")
+        if spec.nbytes:
+            _write_all(self._fd, self._lock, tensor_bytes(tensor), self._offsets[key])
+        with self._lock:
+            self._written.add(key)
+
+    def _commit(self) -> None:
+        missing = [k for k in self.specs if k not in self._written]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
+        header = _header_bytes(self.specs, self.metadata, len(self._header))
+        _write_all(self._fd, self._lock, memoryview(struct.pack("<Q", len(header)) + header), 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._commit()
+            finally:
+                self._discard()
+        else:
+            self._discard()
+
+
+def save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                     overwrite: bool = False) -> Path:
+    """Write a dict of tensors atomically (same guarantees as SafetensorsWriter)."""
+    specs = {k: TensorSpec.of(t) for k, t in tensors.items()}
+    with SafetensorsWriter(path, specs, metadata, overwrite=overwrite) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+    return Path(path)
+
