@@ -51,18 +51,25 @@ def add_merge_parser(sub) -> None:
 
 
 def _progress_bar(quiet: bool):
+    """A tqdm bar created on the first key, so errors raised while planning print alone."""
     if quiet:
         return None, lambda: None
     from tqdm import tqdm
-    bar = tqdm(total=0, unit="key", dynamic_ncols=True, leave=False)
+    state = {}
 
     def update(done: int, total: int, key: str):
-        bar.total = total
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, unit="key", dynamic_ncols=True, leave=False)
         bar.n = done
         bar.set_postfix_str(key[-48:], refresh=False)
         bar.refresh()
 
-    return update, bar.close
+    def close():
+        if "bar" in state:
+            state["bar"].close()
+
+    return update, close
 
 
 def cmd_merge(args) -> int:

@@ -125,10 +125,14 @@ class _Sink:
                 self._key_writer[key] = writer
         return self
 
-    def put(self, key: str, tensor: torch.Tensor) -> None:
+    def put(self, key: str, tensor: torch.Tensor, owned: bool) -> None:
         if self.state_dict is not None:
+            # A copied tensor may still view an input file's memory map: give the caller its own.
+            tensor = tensor.to(self._output_device)
+            if not owned and tensor.device.type == "cpu":
+                tensor = tensor.clone()
             with self._lock:
-                self.state_dict[key] = tensor.to(self._output_device)
+                self.state_dict[key] = tensor
         else:
             self._key_writer[key].write(key, tensor)
 
@@ -214,8 +218,44 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
     return out.cpu() if out.device.type != "cpu" else out
 
 
+def _run_and_store(task: KeyTask, models, base, config, device, sink: "_Sink") -> None:
+    try:
+        sink.put(task.key, _run_task(task, models, base, config, device), owned=task.action == "merge")
+    finally:
+        for src in list(models) + ([base] if base is not None else []):
+            if task.key in src:
+                src.release(task.key)
+
+
+class _IntraOpThreads:
+    """Split the CPU between our worker threads and torch's own intra-op threads.
+
+    Each worker calling into torch would otherwise start a full OpenMP team,
+    oversubscribing the cores (measured: ~25% slower on 2 cores).
+    """
+
+    def __init__(self, device: torch.device, workers: int):
+        self.wanted = max(1, torch.get_num_threads() // workers) if device.type == "cpu" else None
+        self.saved = torch.get_num_threads()
+
+    def __enter__(self):
+        if self.wanted is not None and self.wanted != self.saved:
+            torch.set_num_threads(self.wanted)
+        return self
+
+    def __exit__(self, *exc):
+        if self.wanted is not None and self.wanted != self.saved:
+            torch.set_num_threads(self.saved)
+
+
 def _execute(plan: MergePlan, models, base, config, device, sink: _Sink, threads: int,
              progress: ProgressCallback | None) -> None:
+    with _IntraOpThreads(device, threads):
+        _execute_tasks(plan, models, base, config, device, sink, threads, progress)
+
+
+def _execute_tasks(plan: MergePlan, models, base, config, device, sink: _Sink, threads: int,
+                   progress: ProgressCallback | None) -> None:
     total = len(plan.tasks)
     tasks = iter(plan.tasks)
     done = 0
@@ -227,7 +267,7 @@ def _execute(plan: MergePlan, models, base, config, device, sink: _Sink, threads
             task = next(tasks, None)
             if task is None:
                 return False
-            fut = pool.submit(lambda t=task: sink.put(t.key, _run_task(t, models, base, config, device)))
+            fut = pool.submit(_run_and_store, task, models, base, config, device, sink)
             pending[fut] = task.key
             return True
 

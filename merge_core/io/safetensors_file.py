@@ -14,6 +14,7 @@ partial file and never touches an existing one.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -21,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..errors import BadCheckpoint, OutputExists
@@ -121,9 +123,16 @@ def _pread_fallback(fd: int, n: int, offset: int) -> bytes:
 
 
 class SafetensorsReader:
-    """Lazy, validated, thread-safe reader of one .safetensors file."""
+    """Lazy, validated, thread-safe reader of one .safetensors file.
 
-    def __init__(self, path: str | os.PathLike):
+    Tensors are views of a read-only memory map of the file: no copy, no fresh
+    pages to zero, the page cache is read in place. `release(key)` drops a
+    tensor's pages from this process (they stay in the page cache), which keeps
+    the resident set at the tensors in flight. Where mmap is unavailable,
+    positioned reads into fresh buffers are used instead.
+    """
+
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
         self.path = str(path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -134,9 +143,17 @@ class SafetensorsReader:
         except OSError as exc:
             raise BadCheckpoint(f"{self.path}: cannot open ({exc.strerror})") from None
         self._lock = threading.Lock()
+        self._map = None
         try:
             size = os.fstat(self._fd).st_size
             self.specs, self._offsets, self._data_start, self.metadata = parse_header(self.path, self._fd, size)
+            if use_mmap and size > 0:
+                try:
+                    # Private (copy-on-write) map: a caller that writes into a tensor gets its own
+                    # pages instead of a crash, and the file is never modified.
+                    self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError):
+                    self._map = None
         except BaseException:
             os.close(self._fd)
             raise
@@ -150,13 +167,37 @@ class SafetensorsReader:
         begin, end = self._offsets[key]
         if spec.nbytes == 0:
             return torch.empty(spec.shape, dtype=spec.dtype)
+        if self._map is not None:
+            # numpy holds a buffer export of the map, so the map outlives every tensor viewing it.
+            array = np.frombuffer(self._map, dtype=np.uint8, count=spec.nbytes, offset=self._data_start + begin)
+            return torch.from_numpy(array).view(spec.dtype).reshape(spec.shape)
         raw = torch.empty(spec.nbytes, dtype=torch.uint8)
         got = _read_exact(self._fd, self._lock, memoryview(raw.numpy()), self._data_start + begin)
         if got != spec.nbytes:
             raise BadCheckpoint(f"{self.path}: truncated while reading tensor {key!r}")
         return raw.view(spec.dtype).reshape(spec.shape)
 
+    def release(self, key: str) -> None:
+        """Drop this tensor's mapped pages from the resident set (data stays valid on disk/cache)."""
+        if self._map is None or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self._offsets[key]
+        page = mmap.PAGESIZE
+        start = -(-(self._data_start + begin) // page) * page
+        stop = (self._data_start + end) // page * page
+        if stop > start:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
+
     def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # tensors still view it; it is unmapped when the last one is freed
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -194,6 +235,12 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise OutputExists(f"{path}: output folder {path.parent} does not exist")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class SafetensorsWriter:
     """Atomic, any-order, thread-safe writer. Use as a context manager."""
 
@@ -219,6 +266,7 @@ class SafetensorsWriter:
                                          suffix=".tmp-merge")
         self._fd = fd
         try:
+            os.chmod(self._tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get normal permissions
             data_start = 8 + len(self._header)
             offset = data_start
             for key, spec in self.specs.items():

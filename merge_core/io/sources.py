@@ -51,6 +51,9 @@ class ModelSource:
     def load(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def release(self, key: str) -> None:
+        """The caller is done with `key`: a source may drop its memory for it."""
+
     def close(self) -> None:
         pass
 
@@ -74,6 +77,9 @@ class SafetensorsSource(ModelSource):
 
     def load(self, key: str) -> torch.Tensor:
         return self._reader.load(key)
+
+    def release(self, key: str) -> None:
+        self._reader.release(key)
 
     def close(self) -> None:
         self._reader.close()
@@ -165,6 +171,9 @@ class ShardedSource(ModelSource):
 
     def load(self, key: str) -> torch.Tensor:
         return self._shards[self._key_shard[key]].load(key)
+
+    def release(self, key: str) -> None:
+        self._shards[self._key_shard[key]].release(key)
 
     def close(self) -> None:
         for shard in self._shards.values():
