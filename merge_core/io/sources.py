@@ -97,16 +97,62 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class _Inert:
+    """Stand-in for the few non-tensor objects old SD .ckpt files carry (Lightning callbacks).
+
+    The weights-only unpickler builds it from plain data; nothing from the file is executed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _inert_class(qualified: str) -> type:
+    module, _, name = qualified.rpartition(".")
+    return type(name, (_Inert,), {"__module__": module, "__qualname__": name})
+
+
+# What SD1.x-era .ckpt files hold besides tensors: Lightning's checkpoint callback (made inert here)
+# and numpy scalars (plain data constructors). Everything else is refused.
+_INERT_GLOBALS = ["pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"]
+
+
+def _extra_safe_globals() -> list:
+    import codecs
+    import numpy
+    allowed: list = [_inert_class(q) for q in _INERT_GLOBALS]
+    allowed += [(codecs.encode, "_codecs.encode")]
+    scalar = getattr(numpy, "_core", numpy).multiarray.scalar
+    allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                (numpy.dtype, "numpy.dtype")]
+    for name in ("float64", "float32", "float16", "int64", "int32", "bool"):
+        dtype_class = type(numpy.dtype(name))
+        allowed.append((dtype_class, f"numpy.dtypes.{dtype_class.__name__}"))
+    return allowed
+
+
+def _torch_load_weights_only(path: Path, **kwargs):
+    try:
+        with torch.serialization.safe_globals(_extra_safe_globals()):
+            return torch.load(path, weights_only=True, **kwargs)
+    except (TypeError, AttributeError) as exc:  # an older torch without (obj, name) allow-list entries
+        if "safe_globals" not in str(exc) and "tuple" not in str(exc):
+            raise
+        return torch.load(path, weights_only=True, **kwargs)
+
+
 def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a pickle that wants to run code is refused."""
-    kwargs = dict(map_location="cpu", weights_only=True)
     try:
         try:
-            obj = torch.load(path, mmap=True, **kwargs)  # zip format: tensors stay on disk until used
+            obj = _torch_load_weights_only(path, map_location="cpu", mmap=True)  # zip: tensors stay on disk
         except RuntimeError as exc:
             if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                 raise
-            obj = torch.load(path, **kwargs)  # legacy (non-zip) format cannot be memory-mapped
+            obj = _torch_load_weights_only(path, map_location="cpu")  # legacy format cannot be mapped
     except FileNotFoundError:
         raise BadCheckpoint(f"{path}: file not found") from None
     except pickle.UnpicklingError as exc:

@@ -161,3 +161,33 @@ def test_writer_accepts_any_order_and_late_metadata(tmp_path):
     with open_model(target) as src:
         assert src.metadata == {"hash": "x" * 64}
         assert src.load("b").item() == 2.5 and src.load("a").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_sd1_era_ckpt_with_lightning_callback_and_numpy_scalars_loads(tmp_path, monkeypatch):
+    """Old SD .ckpt files pickle a Lightning ModelCheckpoint and numpy scalars beside the weights."""
+    import sys
+    import types
+
+    import numpy as np
+    marker = tmp_path / "ran"
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.best_model_score = np.float64(0.5)
+            self.dirpath = "logs"
+
+        def __setstate__(self, state):  # the real class's code must never run while loading
+            open(marker, "w").close()
+
+    ModelCheckpoint.__module__ = module.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ["pytorch_lightning", "pytorch_lightning.callbacks", module.__name__]:
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    sd = {"w": torch.randn(3)}
+    torch.save({"state_dict": sd, "callbacks": {"ModelCheckpoint": ModelCheckpoint()},
+                "epoch": np.int64(3)}, tmp_path / "old.ckpt")
+    with open_model(tmp_path / "old.ckpt") as src:
+        assert torch.equal(src.load("w"), sd["w"])
+    assert not marker.exists()
