@@ -13,6 +13,7 @@ partial file and never touches an existing one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -25,7 +26,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..errors import BadCheckpoint, OutputExists
+from ..errors import BadCheckpoint, MergeError, OutputExists
 from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec, dtype_size
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -235,6 +236,20 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise OutputExists(f"{path}: output folder {path.parent} does not exist")
 
 
+def _reserve_space(fd: int, size: int, path: Path) -> None:
+    """Allocate the whole output now: a full disk is a clear error before any work, not a failure at the end."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise MergeError(f"{path}: not enough free disk space for the output "
+                                 f"({size / 2**30:.2f} GiB needed)") from None
+            # filesystems without fallocate: fall through to a plain (sparse) size
+    os.ftruncate(fd, size)
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -272,7 +287,7 @@ class SafetensorsWriter:
             for key, spec in self.specs.items():
                 self._offsets[key] = offset
                 offset += spec.nbytes
-            os.ftruncate(fd, offset)
+            _reserve_space(fd, offset, self.path)
         except BaseException:
             self._discard()
             raise

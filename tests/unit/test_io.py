@@ -191,3 +191,18 @@ def test_sd1_era_ckpt_with_lightning_callback_and_numpy_scalars_loads(tmp_path, 
     with open_model(tmp_path / "old.ckpt") as src:
         assert torch.equal(src.load("w"), sd["w"])
     assert not marker.exists()
+
+
+def test_full_disk_is_reported_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    from merge_core.errors import MergeError
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    with pytest.raises(MergeError, match=r"out\.safetensors: not enough free disk space"):
+        with SafetensorsWriter(tmp_path / "out.safetensors", {"a": TensorSpec((1000,), torch.float32)}):
+            pass
+    assert os.listdir(tmp_path) == []
