@@ -60,10 +60,10 @@ def _progress_bar(quiet: bool):
     def update(done: int, total: int, key: str):
         bar = state.get("bar")
         if bar is None:
-            bar = state["bar"] = tqdm(total=total, unit="key", dynamic_ncols=True, leave=False)
-        bar.n = done
-        bar.set_postfix_str(key[-48:], refresh=False)
-        bar.refresh()
+            # disable=None: no bar when stderr is not a terminal (logs, pipes)
+            bar = state["bar"] = tqdm(total=total, unit="key", dynamic_ncols=True, leave=False, disable=None)
+        bar.set_postfix_str(key[-40:], refresh=False)
+        bar.update(done - bar.n)
 
     def close():
         if "bar" in state:
