@@ -71,8 +71,8 @@ class MethodConfig:
         return self.fixed_coefficients()
 
     def merge_tensors(self, tensors: Sequence[torch.Tensor], base: torch.Tensor | None,
-                      out_dtype: torch.dtype) -> torch.Tensor:
-        kw = dict(out_dtype=out_dtype, compute_dtype=self.compute_dtype)
+                      out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        kw = dict(out_dtype=out_dtype, compute_dtype=self.compute_dtype, out=out)
         if self.name == "karcher":
             return methods.karcher_mean(tensors, self.weights, self.karcher_iter, self.karcher_tol, base=base, **kw)
         if self.name == "slerp":

@@ -125,6 +125,10 @@ class _Sink:
                 self._key_writer[key] = writer
         return self
 
+    def buffer(self, key: str) -> torch.Tensor | None:
+        """Where to compute `key` in place (a view of the output file), if the output allows it."""
+        return self._key_writer[key].buffer(key) if self._key_writer else None
+
     def put(self, key: str, tensor: torch.Tensor, owned: bool) -> None:
         if self.state_dict is not None:
             # A copied tensor may still view an input file's memory map: give the caller its own.
@@ -194,7 +198,7 @@ def _first_nonfinite_input(task: KeyTask, models: Sequence[ModelSource], base: M
 
 
 def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None, config: MethodConfig,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, out_buffer: torch.Tensor | None = None) -> torch.Tensor:
     out_dtype = task.out_spec.dtype
     if task.action == "copy":
         tensor = models[task.sources[0]].load(task.key)
@@ -208,7 +212,8 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
             out.narrow(dim, 0, common).copy_(merged)
         else:
             base_tensor = base.load(task.key).to(device) if task.use_base else None
-            out = config.merge_tensors(tensors, base_tensor, out_dtype)
+            in_place = out_buffer if device.type == "cpu" else None
+            out = config.merge_tensors(tensors, base_tensor, out_dtype, out=in_place)
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         culprit = _first_nonfinite_input(task, models, base)
         if culprit:
@@ -220,7 +225,8 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
 
 def _run_and_store(task: KeyTask, models, base, config, device, sink: "_Sink") -> None:
     try:
-        sink.put(task.key, _run_task(task, models, base, config, device), owned=task.action == "merge")
+        out_buffer = sink.buffer(task.key) if task.action == "merge" else None
+        sink.put(task.key, _run_task(task, models, base, config, device, out_buffer), owned=task.action == "merge")
     finally:
         for src in list(models) + ([base] if base is not None else []):
             if task.key in src:

@@ -105,16 +105,18 @@ def gram_matrix(tensors: Sequence[Tensor], base: Tensor | None = None,
 
 def linear_combination(tensors: Sequence[Tensor], coeffs: Sequence[float],
                        out_dtype: torch.dtype | None = None,
-                       compute_dtype: torch.dtype = torch.float32) -> Tensor:
+                       compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """sum_i coeffs[i] * tensors[i], computed in `compute_dtype`, returned in `out_dtype`.
 
     Works chunk by chunk (one reused accumulator) straight into the output
-    tensor, so the only full-size allocation is the output itself.
+    tensor (`out` if given, e.g. a view of the output file), so the only
+    full-size allocation is the output itself.
     """
     if len(tensors) != len(coeffs):
         raise ValueError(f"{len(tensors)} tensors but {len(coeffs)} coefficients")
     first = tensors[0]
-    out = torch.empty(first.shape, dtype=out_dtype or compute_dtype, device=first.device)
+    if out is None:
+        out = torch.empty(first.shape, dtype=out_dtype or compute_dtype, device=first.device)
     flat_out = _flat(out)
     flats = [_flat(t) for t in tensors]
     numel = flat_out.numel()
@@ -164,7 +166,8 @@ def with_base(coeffs: Sequence[float]) -> list[float]:
 
 def slerp(v0: Tensor, v1: Tensor, t: float, base: Tensor | None = None,
           dot_threshold: float = DEFAULT_DOT_THRESHOLD, eps: float = DEFAULT_NORM_EPS,
-          out_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+          out_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32,
+          out: Tensor | None = None) -> Tensor:
     """Whole-tensor spherical interpolation; t = 0 gives v0. With `base`, of v_i - base, plus base."""
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"SLERP t must be in [0, 1], got {t}")
@@ -173,7 +176,7 @@ def slerp(v0: Tensor, v1: Tensor, t: float, base: Tensor | None = None,
     tensors = [v0, v1]
     if base is not None:
         tensors, coeffs = tensors + [base], with_base(coeffs)
-    return linear_combination(tensors, coeffs, out_dtype, compute_dtype)
+    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out)
 
 
 # ---------------------------------------------------------------- Karcher mean
@@ -231,7 +234,7 @@ def karcher_coefficients(gram: Tensor, weights: Sequence[float], max_iter: int =
 
 def karcher_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = None, max_iter: int = 10,
                  tol: float = 1e-5, base: Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> Tensor:
+                 compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
     """Weighted Karcher (Frechet) mean of whole tensors: direction on the sphere, weighted mean norm."""
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     gram = gram_matrix(tensors, base, compute_dtype)
@@ -239,7 +242,7 @@ def karcher_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = No
     tensors = list(tensors)
     if base is not None:
         tensors, coeffs = tensors + [base], with_base(coeffs)
-    return linear_combination(tensors, coeffs, out_dtype, compute_dtype)
+    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out)
 
 
 def karcher_mean_direct(tensors: Sequence[Tensor], weights: Sequence[float] | None = None,

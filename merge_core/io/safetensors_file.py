@@ -236,18 +236,21 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise OutputExists(f"{path}: output folder {path.parent} does not exist")
 
 
-def _reserve_space(fd: int, size: int, path: Path) -> None:
-    """Allocate the whole output now: a full disk is a clear error before any work, not a failure at the end."""
+def _reserve_space(fd: int, size: int, path: Path) -> bool:
+    """Allocate the whole output now: a full disk is a clear error before any work, not a failure at
+    the end. Returns True when the blocks are really allocated (then writing through a memory map
+    cannot hit a full disk)."""
     if hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, size)
-            return
+            return True
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise MergeError(f"{path}: not enough free disk space for the output "
                                  f"({size / 2**30:.2f} GiB needed)") from None
             # filesystems without fallocate: fall through to a plain (sparse) size
     os.ftruncate(fd, size)
+    return False
 
 
 def _current_umask() -> int:
@@ -257,7 +260,13 @@ def _current_umask() -> int:
 
 
 class SafetensorsWriter:
-    """Atomic, any-order, thread-safe writer. Use as a context manager."""
+    """Atomic, any-order, thread-safe writer. Use as a context manager.
+
+    When the output's blocks could be allocated up front, the temporary file is
+    also memory-mapped and `buffer(key)` hands out a tensor view of the key's
+    place in the file: merge code computes straight into it (no output
+    allocation, no copy). Otherwise tensors are written with positioned writes.
+    """
 
     def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
                  overwrite: bool = False):
@@ -270,6 +279,7 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._written: set[str] = set()
         self._offsets: dict[str, int] = {}
+        self._map = None
 
     def __enter__(self) -> "SafetensorsWriter":
         check_output_path(self.path, self.overwrite)
@@ -287,7 +297,11 @@ class SafetensorsWriter:
             for key, spec in self.specs.items():
                 self._offsets[key] = offset
                 offset += spec.nbytes
-            _reserve_space(fd, offset, self.path)
+            if _reserve_space(fd, offset, self.path) and offset > 0:
+                try:
+                    self._map = mmap.mmap(fd, offset, access=mmap.ACCESS_WRITE)
+                except (OSError, ValueError):
+                    self._map = None
         except BaseException:
             self._discard()
             raise
@@ -297,20 +311,59 @@ class SafetensorsWriter:
         """Replace the metadata (e.g. once input hashes are known); written at commit."""
         self.metadata = dict(metadata)
 
+    def buffer(self, key: str) -> torch.Tensor | None:
+        """A writable tensor view of `key`'s bytes in the output, or None (then use write())."""
+        spec = self.specs[key]
+        if self._map is None or spec.nbytes == 0:
+            return None
+        array = np.frombuffer(self._map, dtype=np.uint8, count=spec.nbytes, offset=self._offsets[key])
+        return torch.from_numpy(array).view(spec.dtype).reshape(spec.shape)
+
     def write(self, key: str, tensor: torch.Tensor) -> None:
         spec = self.specs[key]
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ValueError(f"{key}: expected {list(spec.shape)} {spec.dtype}, got "
                              f"{list(tensor.shape)} {tensor.dtype}")
         if spec.nbytes:
-            _write_all(self._fd, self._lock, tensor_bytes(tensor), self._offsets[key])
+            offset = self._offsets[key]
+            if self._map is not None:
+                target = np.frombuffer(self._map, dtype=np.uint8, count=spec.nbytes, offset=offset)
+                if target.ctypes.data != tensor.data_ptr():  # not computed in place: copy it in
+                    target[:] = tensor_bytes(tensor)
+                del target
+                self._drop_pages(offset, spec.nbytes)
+            else:
+                _write_all(self._fd, self._lock, tensor_bytes(tensor), offset)
         with self._lock:
             self._written.add(key)
+
+    def _drop_pages(self, offset: int, length: int) -> None:
+        """Written pages leave our resident set (the kernel still writes them back)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        stop = (offset + length) // page * page
+        if stop > start:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
+
+    def _close_map(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.flush()
+                self._map.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the map is unmapped when it dies
+            self._map = None
 
     def _commit(self) -> None:
         missing = [k for k in self.specs if k not in self._written]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
+        self._close_map()
         header = _header_bytes(self.specs, self.metadata, len(self._header))
         _write_all(self._fd, self._lock, memoryview(struct.pack("<Q", len(header)) + header), 0)
         os.fsync(self._fd)
@@ -320,6 +373,7 @@ class SafetensorsWriter:
         self._tmp = None
 
     def _discard(self) -> None:
+        self._close_map()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
