@@ -1,16 +1,16 @@
 """The streaming merge engine: open -> plan -> execute (read, compute, write) -> commit.
 
-Each output key is one task: read that key from every input (positioned reads,
-no whole model in memory), merge on the chosen device in float32/float64,
-cast to the output dtype, write it at its place in the output file. A small
-thread pool overlaps reading, computing and writing of neighbouring keys; at
-most `2 x threads` tasks are in flight, which bounds peak memory to a few
-times (inputs + 2) x the largest tensor.
+Each output key is one task: read that key from every input (zero-copy views
+of the files, no whole model in memory), merge on the chosen device in
+float32/float64, cast to the output dtype, write it at its place in the output
+(sinks.py). A small thread pool overlaps reading, computing and writing of
+neighbouring keys; at most `2 x threads` tasks are queued and `threads` run,
+which bounds peak memory to about threads x (inputs + 1) x the largest tensor.
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -23,14 +23,13 @@ import torch
 from .compute import BASE_METHODS, PRECISIONS, MethodConfig
 from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
 from .io.hashing import file_sha256
-from .io.safetensors_file import SafetensorsWriter, check_output_path
+from .io.safetensors_file import check_output_path
 from .io.sources import ModelSource, open_model
-from .io.spec import TensorSpec
 from .plan import KeyTask, MergePlan, build_plan
 from .recipe import build_metadata
+from .sinks import Sink
 
 ProgressCallback = Callable[[int, int, str], "bool | None"]
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 @dataclass
@@ -73,121 +72,6 @@ def _check_output_not_input(output: Path, sources: Sequence[ModelSource]) -> Non
                 raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
 
 
-class _Sink:
-    """Where merged tensors go: a safetensors file, a sharded folder, or a dict."""
-
-    def __init__(self, output: Path | None, specs: dict[str, TensorSpec], overwrite: bool,
-                 output_device: torch.device, max_shard_bytes: int):
-        self.output = output
-        self.state_dict: dict[str, torch.Tensor] | None = None
-        self._writers: list[SafetensorsWriter] = []
-        self._key_writer: dict[str, SafetensorsWriter] = {}
-        self._output_device = output_device
-        self._tmp_dir: Path | None = None
-        self._overwrite = overwrite
-        self._specs = specs
-        self._max_shard = max_shard_bytes
-        self._lock = threading.Lock()
-
-    @property
-    def is_folder(self) -> bool:
-        return self.output is not None and self.output.suffix.lower() != ".safetensors"
-
-    def __enter__(self):
-        if self.output is None:
-            self.state_dict = {}
-            return self
-        if not self.is_folder:
-            writer = SafetensorsWriter(self.output, self._specs, overwrite=self._overwrite).__enter__()
-            self._writers = [writer]
-            self._key_writer = {k: writer for k in self._specs}
-            return self
-        # Folder output: shards + index, built in a hidden temp folder and renamed into place.
-        check_output_path(self.output, self._overwrite)
-        self._tmp_dir = self.output.parent / f".{self.output.name}.tmp-merge"
-        shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        self._tmp_dir.mkdir()
-        shards: list[dict[str, TensorSpec]] = [{}]
-        size = 0
-        for key, spec in self._specs.items():
-            if size and size + spec.nbytes > self._max_shard:
-                shards.append({})
-                size = 0
-            shards[-1][key] = spec
-            size += spec.nbytes
-        total = len(shards)
-        self.shard_names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
-                            for i in range(total)]
-        for name, shard in zip(self.shard_names, shards):
-            writer = SafetensorsWriter(self._tmp_dir / name, shard).__enter__()
-            self._writers.append(writer)
-            for key in shard:
-                self._key_writer[key] = writer
-        return self
-
-    def buffer(self, key: str) -> torch.Tensor | None:
-        """Where to compute `key` in place (a view of the output file), if the output allows it."""
-        return self._key_writer[key].buffer(key) if self._key_writer else None
-
-    def put(self, key: str, tensor: torch.Tensor, owned: bool) -> None:
-        if self.state_dict is not None:
-            # A copied tensor may still view an input file's memory map: give the caller its own.
-            tensor = tensor.to(self._output_device)
-            if not owned and tensor.device.type == "cpu":
-                tensor = tensor.clone()
-            with self._lock:
-                self.state_dict[key] = tensor
-        else:
-            self._key_writer[key].write(key, tensor)
-
-    def set_metadata(self, metadata: dict[str, str]) -> None:
-        for writer in self._writers:
-            writer.set_metadata(metadata)
-
-    def commit(self, copy_extra_from: Path | None) -> None:
-        for writer in self._writers:
-            writer.__exit__(None, None, None)
-        if self._tmp_dir is None:
-            return
-        import json
-        index = {"metadata": {"total_size": sum(s.nbytes for s in self._specs.values())},
-                 "weight_map": {k: w.path.name for k, w in self._key_writer.items()}}
-        if len(self._writers) > 1:
-            (self._tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if copy_extra_from is not None:
-            copy_extra_files(copy_extra_from, self._tmp_dir)
-        if self.output.exists():
-            old = self.output.parent / f".{self.output.name}.old-merge"
-            os.replace(self.output, old)
-            os.replace(self._tmp_dir, self.output)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self._tmp_dir, self.output)
-        self._tmp_dir = None
-
-    def abort(self) -> None:
-        for writer in self._writers:
-            writer.__exit__(MergeCancelled, None, None)
-        if self._tmp_dir is not None:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        self.state_dict = None
-
-
-def copy_extra_files(source_folder: Path, target: Path) -> list[str]:
-    """Copy the first model's non-weight files (configs, tokenizer...), never its shard index."""
-    copied = []
-    for item in sorted(source_folder.iterdir()):
-        if (item.name.startswith(".") or not item.is_file() or item.suffix.lower() in WEIGHT_SUFFIXES
-                or item.name.endswith(".index.json")):
-            continue
-        dest = target / item.name
-        if dest.exists():
-            continue
-        shutil.copy2(item, dest)
-        copied.append(item.name)
-    return copied
-
-
 def _first_nonfinite_input(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None) -> str | None:
     for i in task.sources:
         if not bool(torch.isfinite(models[i].load(task.key).float()).all()):
@@ -223,7 +107,7 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
     return out.cpu() if out.device.type != "cpu" else out
 
 
-def _run_and_store(task: KeyTask, models, base, config, device, sink: "_Sink") -> None:
+def _run_and_store(task: KeyTask, models, base, config, device, sink: Sink) -> None:
     try:
         out_buffer = sink.buffer(task.key) if task.action == "merge" else None
         sink.put(task.key, _run_task(task, models, base, config, device, out_buffer), owned=task.action == "merge")
@@ -254,13 +138,13 @@ class _IntraOpThreads:
             torch.set_num_threads(self.saved)
 
 
-def _execute(plan: MergePlan, models, base, config, device, sink: _Sink, threads: int,
+def _execute(plan: MergePlan, models, base, config, device, sink: Sink, threads: int,
              progress: ProgressCallback | None) -> None:
     with _IntraOpThreads(device, threads):
         _execute_tasks(plan, models, base, config, device, sink, threads, progress)
 
 
-def _execute_tasks(plan: MergePlan, models, base, config, device, sink: _Sink, threads: int,
+def _execute_tasks(plan: MergePlan, models, base, config, device, sink: Sink, threads: int,
                    progress: ProgressCallback | None) -> None:
     total = len(plan.tasks)
     tasks = iter(plan.tasks)
@@ -354,7 +238,7 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
         hashes: dict[str, str | None] = {}
         hasher = _hash_sources(sources + [base_source], hashes, hash_inputs and output_path is not None)
-        sink = _Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes)
+        sink = Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes)
         sink.__enter__()
         try:
             _execute(plan, sources, base_source, config, dev, sink, threads, progress)
@@ -378,7 +262,6 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         for src in sources + ([base_source] if base_source else []):
             src.close()
 
-    import json
     summary = {
         "keys": len(plan.tasks),
         "merged": sum(1 for t in plan.tasks if t.action == "merge"),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import BadCheckpoint, MergeError, OutputExists
-from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec, dtype_size
+from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_ALIGN = 8
