@@ -1,6 +1,7 @@
 """TensorSpec: what the engine needs to know about a tensor before reading it."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16} | {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

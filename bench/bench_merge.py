@@ -1,0 +1,170 @@
+"""Merge benchmark: merge_core against the I/O floor and sd-mecha, in one run.
+
+Every measurement runs in a fresh child process (so its peak RSS is its own)
+and times only the work, not interpreter start-up or imports. Inputs are read
+once before the measurements, so every row sees the same warm page cache.
+
+    python bench/bench_merge.py                      # SD1.5 rows + SDXL memory row
+    python bench/bench_merge.py --skip-sdxl --repeat 1
+    python bench/bench_merge.py --device cuda        # merge_core rows on the GPU
+
+sd-mecha rows need a venv with sd-mecha 1.1.8 (default .venv-mecha; made by
+`python3 -m venv .venv-mecha && .venv-mecha/bin/pip install torch==2.13.0 sd-mecha==1.1.8`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.fixtures import DATA, ensure_models  # noqa: E402
+
+CHILD = r'''
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+mode, args = sys.argv[1], json.loads(sys.argv[2])
+out = args["output"]
+if mode == "floor":
+    t0 = time.perf_counter()
+    buf = bytearray(64 << 20); mv = memoryview(buf)
+    for p in args["inputs"]:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    left = args["size"]
+    while left > 0:
+        left -= os.write(fd, mv[:min(left, len(buf))])
+    os.fsync(fd); os.close(fd)
+    seconds = time.perf_counter() - t0
+elif mode == "ours":
+    import torch
+    from merge_core.engine import merge
+    t0 = time.perf_counter()
+    merge(args["inputs"], args["method"], output=out, overwrite=True, threads=args["threads"], dtype="fp16",
+          device=args["device"], hash_inputs=False, **args.get("kw", {{}}))
+    seconds = time.perf_counter() - t0
+elif mode == "mecha":
+    import torch, sd_mecha
+    sd_mecha.set_log_level("WARNING") if hasattr(sd_mecha, "set_log_level") else None
+    t0 = time.perf_counter()
+    models = [sd_mecha.model(p) for p in args["inputs"]]
+    if args["method"] == "sma":
+        recipe = sd_mecha.n_average(*models)
+    else:
+        recipe = sd_mecha.slerp(models[0], models[1], alpha=0.5)
+    sd_mecha.merge(recipe, output=out, threads=args["threads"], output_dtype=torch.float16,
+                   merge_dtype=torch.float32, merge_device="cpu", output_device="cpu")
+    seconds = time.perf_counter() - t0
+os.unlink(out)
+print("RESULT " + json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+'''
+
+
+def run_child(python: str, mode: str, args: dict) -> dict:
+    code = CHILD.format(root=str(ROOT))
+    proc = subprocess.run([python, "-c", code, mode, json.dumps(args)], capture_output=True, text=True,
+                          env=dict(os.environ, TQDM_DISABLE="1"))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+
+
+def warm(paths) -> None:
+    buf = bytearray(64 << 20)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def best_of(repeat: int, python: str, mode: str, args: dict) -> dict:
+    runs = [run_child(python, mode, args) for _ in range(repeat)]
+    best = min(runs, key=lambda r: r["seconds"])
+    best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per row; the fastest is reported")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mecha-python", default=str(ROOT / ".venv-mecha" / "bin" / "python"))
+    ap.add_argument("--skip-sdxl", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "_bench_data" / "bench_merge.json"))
+    args = ap.parse_args()
+    py = sys.executable
+    sd15 = [str(p) for p in ensure_models("sd15")]
+    out = str(DATA / "bench_out.safetensors")
+    size = os.path.getsize(sd15[0])
+    warm(sd15)
+    rows = []
+
+    def row(name, python, mode, margs, baseline=None):
+        r = best_of(args.repeat, python, mode, dict(margs, output=out, threads=args.threads, device=args.device))
+        r["name"] = name
+        rows.append(r)
+        print(f"{name:34s} {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+        return r
+
+    floor = row("I/O floor (read 3 + write 1)", py, "floor", {"inputs": sd15, "size": size})
+    floor2 = row("I/O floor (read 2 + write 1)", py, "floor", {"inputs": sd15[:2], "size": size})
+    ours = {}
+    for method, inputs, kw in [("sma", sd15, {}), ("wma", sd15, {}), ("ema", sd15, {"alpha": 0.5}),
+                               ("slerp", sd15[:2], {"t": 0.5}), ("karcher", sd15, {})]:
+        ours[method] = row(f"merge_core {method} ({len(inputs)} models)", py, "ours",
+                           {"inputs": inputs, "method": method, "kw": kw})
+    mecha = {}
+    if Path(args.mecha_python).exists():
+        mecha["sma"] = row("sd-mecha 1.1.8 n_average (3 models)", args.mecha_python, "mecha",
+                           {"inputs": sd15, "method": "sma"})
+        mecha["slerp"] = row("sd-mecha 1.1.8 slerp (2 models)", args.mecha_python, "mecha",
+                             {"inputs": sd15[:2], "method": "slerp"})
+    sdxl_row = None
+    if not args.skip_sdxl:
+        sdxl = [str(p) for p in ensure_models("sdxl")]
+        sdxl_row = best_of(1, py, "ours", {"inputs": sdxl, "method": "karcher", "output": out,
+                                           "threads": args.threads, "device": args.device})
+        print(f"{'merge_core karcher SDXL (3 models)':34s} {sdxl_row['seconds']:7.2f} s  peak RSS "
+              f"{sdxl_row['peak_rss_mb']:7.0f} MB")
+
+    lines = ["| run | wall s | × I/O floor | × sd-mecha | peak RSS MB |", "|---|---:|---:|---:|---:|"]
+    lines.append(f"| I/O floor: read 3 inputs + write 1 output | {floor['seconds']:.2f} | 1.00 | | "
+                 f"{floor['peak_rss_mb']:.0f} |")
+    lines.append(f"| I/O floor: read 2 inputs + write 1 output | {floor2['seconds']:.2f} | 1.00 | | "
+                 f"{floor2['peak_rss_mb']:.0f} |")
+    for method, r in ours.items():
+        fl = floor2 if method == "slerp" else floor
+        vs = mecha.get("sma" if method != "slerp" else "slerp")
+        speed = f"{vs['seconds'] / r['seconds']:.1f}× faster" if vs and method in ("sma", "slerp") else ""
+        lines.append(f"| merge_core {method} | {r['seconds']:.2f} | {r['seconds'] / fl['seconds']:.2f} | {speed} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    for method, r in mecha.items():
+        fl = floor2 if method == "slerp" else floor
+        lines.append(f"| sd-mecha 1.1.8 {'n_average' if method == 'sma' else 'slerp'} | {r['seconds']:.2f} | "
+                     f"{r['seconds'] / fl['seconds']:.2f} | 1.00 | {r['peak_rss_mb']:.0f} |")
+    lines.append(f"| karcher / sma | {ours['karcher']['seconds'] / ours['sma']['seconds']:.2f} | | | |")
+    if sdxl_row:
+        lines.append(f"| merge_core karcher, SDXL, 3 models | {sdxl_row['seconds']:.2f} | | | "
+                     f"{sdxl_row['peak_rss_mb']:.0f} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    Path(args.out).write_text(json.dumps({"rows": rows, "sdxl": sdxl_row, "table": table,
+                                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                                          "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
