@@ -50,7 +50,7 @@ def add_merge_parser(sub) -> None:
     p.set_defaults(func=cmd_merge)
 
 
-def _progress_bar(quiet: bool):
+def progress_bar(quiet: bool):
     """A tqdm bar created on the first key, so errors raised while planning print alone."""
     if quiet:
         return None, lambda: None
@@ -81,7 +81,7 @@ def cmd_merge(args) -> int:
         for i, m in enumerate(models, 1):
             print(f"  {i}. {m.name}")
     weights = args.alphas if args.method == "karcher" else args.weights
-    update, close = _progress_bar(args.quiet)
+    update, close = progress_bar(args.quiet)
     try:
         result = merge(models, args.method, output=args.output, weights=weights, t=args.t, alpha=args.alpha,
                        multiplier=args.multiplier, base=args.base, device=args.device, dtype=args.dtype,

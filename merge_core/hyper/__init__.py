@@ -1,0 +1,1 @@
+"""Hyper-model + multi-LoRA decomposition: M checkpoints -> one hyper checkpoint + K LoRAs."""

@@ -1,0 +1,63 @@
+"""Fit the LoRA strengths of a model that was not in the hyper set (least squares, one streaming pass)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeError
+from ..io.sources import open_model
+from ..lora.format import read_lora, strength_tag
+from ..lora.keys import lora_modules
+from ..plan import check_architectures
+from . import decompose as D
+from .pipeline import layer_deltas, stem
+
+
+def find_hyper_set(prefix) -> tuple[Path, list[Path]]:
+    """DIR/NAME -> (DIR/NAME_hyper.safetensors, [DIR/NAME_0-64.safetensors, ...] in index order)."""
+    prefix = Path(prefix)
+    hyper = prefix.parent / f"{prefix.name}_hyper.safetensors"
+    if not hyper.is_file():
+        raise MergeError(f"{hyper}: hyper checkpoint not found (give --hyper DIR/NAME)")
+    loras = []
+    for path in prefix.parent.glob(f"{prefix.name}_*-*.safetensors"):
+        index = path.stem[len(prefix.name) + 1:].split("-")[0]
+        if index.isdigit():
+            loras.append((int(index), path))
+    if not loras:
+        raise MergeError(f"{prefix.parent}: no LoRA files named {prefix.name}_K-RANK.safetensors")
+    return hyper, [p for _, p in sorted(loras)]
+
+
+def project_model(prefix, model, device: str = "cpu") -> dict:
+    hyper_path, lora_paths = find_hyper_set(prefix)
+    loras = [read_lora(p)[0] for p in lora_paths]
+    dev = torch.device(device)
+    with open_model(hyper_path) as hyper, open_model(model) as src:
+        check_architectures([hyper, src], force=False)
+        modules = [m for m in lora_modules(hyper.specs()) if all(m.name in lora for lora in loras)]
+        if not modules:
+            raise MergeError(f"{lora_paths[0]}: its modules do not match {hyper_path}")
+        k_count = len(loras)
+        total = D.LayerFit(torch.zeros(k_count, k_count, dtype=torch.float64),
+                           torch.zeros(1, k_count, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+        for module in modules:
+            if module.key not in src:
+                raise MergeError(f"{src.name}: has no {module.key!r}")
+            (delta,) = layer_deltas([src], hyper, module, dev)
+            factors = []
+            for lora in loras:
+                up, down, scale = lora[module.name]
+                factors.append(((up * scale).to(dev), down.T.to(dev)))   # D = up @ down * scale
+            fit = D.layer_accumulators([delta], factors)
+            total.gram_dd += fit.gram_dd
+            total.cross += fit.cross
+            total.delta_sq += fit.delta_sq
+    lam = D.solve_lambdas(total.gram_dd, total.cross)                    # [K, 1]
+    err = D.squared_error(total.gram_dd, total.cross, total.delta_sq, lam)
+    names = [p.stem for p in lora_paths]
+    lambdas = [float(x) for x in lam[:, 0]]
+    return {"model": stem(model), "lambdas": lambdas,
+            "relative_error": float(err[0] / total.delta_sq[0]) if float(total.delta_sq[0]) else 0.0,
+            "tags": " ".join(strength_tag(n, x) for n, x in zip(names, lambdas))}

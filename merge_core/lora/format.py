@@ -1,0 +1,71 @@
+"""kohya-format LoRA files: write, read, and apply (delta = up @ down * alpha / rank * strength)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..io.safetensors_file import save_safetensors
+from ..io.sources import open_model
+from .keys import LoraModule
+
+
+def factors_to_lora_tensors(module: LoraModule, up: torch.Tensor, down: torch.Tensor,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """up [out, r] @ down [r, in_flat] -> kohya tensors for `module` (alpha = rank: scale 1).
+
+    The singular values are split evenly (up*sqrt(s), sqrt(s)*down by the caller's choice of
+    factors), so neither factor over- or underflows in fp16. 3x3 convs become LoCon:
+    down [r, in, kh, kw], up [out, r, 1, 1].
+    """
+    rank = up.shape[1]
+    if module.is_conv:
+        out_ch, in_ch, kh, kw = module.shape
+        down_t = down.reshape(rank, in_ch, kh, kw)
+        up_t = up.reshape(out_ch, rank, 1, 1)
+    else:
+        down_t, up_t = down, up
+    return {f"{module.name}.lora_down.weight": down_t.to(dtype).contiguous(),
+            f"{module.name}.lora_up.weight": up_t.to(dtype).contiguous(),
+            f"{module.name}.alpha": torch.tensor(float(rank), dtype=dtype)}
+
+
+def balanced_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From D = u @ v.T (v with orthonormal columns) to (up, down) with equal column/row norms."""
+    scale = torch.linalg.vector_norm(u, dim=0).clamp_min(1e-30).sqrt()
+    return u / scale, (v * scale).T
+
+
+def save_lora(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+              overwrite: bool = False) -> Path:
+    return save_safetensors(path, tensors, metadata, overwrite=overwrite)
+
+
+def read_lora(path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, str]]:
+    """{module name: (up [out, r] fp32, down [r, in_flat] fp32, scale alpha/rank)}, metadata."""
+    with open_model(path) as src:
+        modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        names = {k[:-len(".lora_down.weight")] for k in src.keys() if k.endswith(".lora_down.weight")}
+        for name in sorted(names):
+            down = src.load(f"{name}.lora_down.weight").float()
+            up = src.load(f"{name}.lora_up.weight").float()
+            rank = down.shape[0]
+            alpha = float(src.load(f"{name}.alpha")) if f"{name}.alpha" in src else float(rank)
+            modules[name] = (up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha / rank)
+        return modules, dict(src.metadata)
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, scale: float, strength: float = 1.0) -> torch.Tensor:
+    """kohya's formula: up @ down * (alpha / rank) * strength (flattened [out, in_flat])."""
+    return (up @ down) * (scale * strength)
+
+
+def lora_file_bytes(ranks_by_module: Mapping[LoraModule, int], bytes_per_value: int = 2) -> int:
+    return sum((m.out_features + m.in_features) * r * bytes_per_value for m, r in ranks_by_module.items())
+
+
+def strength_tag(name: str, strength: float) -> str:
+    value = 0.0 if math.isclose(strength, 0.0, abs_tol=5e-5) else strength
+    return f"<lora:{name}:{value:.4f}>"

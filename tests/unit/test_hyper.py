@@ -1,0 +1,155 @@
+"""Hyper-merge on constructed collections with known structure, through the real files."""
+import json
+import os
+
+import pytest
+import torch
+
+from merge_core.demo import tiny_base
+from merge_core.errors import MergeCancelled, MergeError, OutputExists
+from merge_core.hyper.pipeline import HyperConfig, run_hyper
+from merge_core.hyper.project import project_model
+from merge_core.io import open_model, save_safetensors
+from merge_core.io.spec import TensorSpec
+from merge_core.lora.extract import extract_lora
+from merge_core.lora.keys import lora_modules
+
+KEEP = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",   # linear
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",   # linear with the context width (detection)
+        "input_blocks.1.1.proj_in.weight",                           # 1x1 conv
+        "input_blocks.1.0.in_layers.2.weight",                       # 3x3 conv (LoCon)
+        "input_blocks.1.0.in_layers.0.weight",                       # a norm: not covered
+        "encoder.layers.0.self_attn.q_proj.weight", "encoder.layers.0.mlp.fc1.weight")
+
+
+def small_base(seed=0):
+    return {k: v.float() for k, v in tiny_base("sd15", seed).items() if k.endswith(KEEP)}
+
+
+def build_collection(tmp_path, lam_true, ranks, seed=0, noise=0.0):
+    """Models = base + sum_k lam_true[k, m] * P_k with P_k of exact rank ranks[k] in every covered layer."""
+    base = small_base(seed)
+    modules = lora_modules({k: TensorSpec.of(v) for k, v in base.items()})
+    g = torch.Generator().manual_seed(seed + 7)
+    parts = {m.name: [torch.randn(m.out_features, r, generator=g) @ torch.randn(r, m.in_features, generator=g) * 0.02
+                      for r in ranks] for m in modules}
+    paths = []
+    for idx in range(lam_true.shape[1]):
+        sd = {k: v.clone() for k, v in base.items()}
+        for m in modules:
+            delta = sum(float(lam_true[k, idx]) * parts[m.name][k] for k in range(len(ranks)))
+            if noise:
+                delta = delta + noise * torch.randn(delta.shape, generator=g)
+            sd[m.key] += delta.reshape(m.shape)
+        path = tmp_path / f"model_{idx}.safetensors"
+        save_safetensors(path, sd)
+        paths.append(path)
+    return paths, modules
+
+
+def apply_set(result, modules, stem):
+    """An independent kohya LoRA application: W = hyper + sum_k up @ down * alpha / rank * strength."""
+    strengths = {}
+    for line in result.multipliers_path.read_text().splitlines():
+        name, tags = line.split(": ", 1)
+        strengths[name] = [float(t.rsplit(":", 1)[1].rstrip(">")) for t in tags.split()]
+    with open_model(result.hyper_path) as h:
+        out = {m.key: h.load(m.key).float().clone() for m in modules}
+    for k, path in enumerate(result.lora_paths):
+        with open_model(path) as lora:
+            for m in modules:
+                down = lora.load(f"{m.name}.lora_down.weight").float()
+                up = lora.load(f"{m.name}.lora_up.weight").float()
+                alpha = float(lora.load(f"{m.name}.alpha"))
+                rank = down.shape[0]
+                delta = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * (alpha / rank) * strengths[stem][k]
+                out[m.key] += delta.reshape(m.shape)
+    return out
+
+
+def test_known_structure_is_recovered_and_the_files_reproduce_the_models(tmp_path):
+    lam_true = torch.tensor([[1.0, -0.5, 0.3, 0.8], [0.2, 1.0, -0.7, 0.1]])
+    paths, modules = build_collection(tmp_path, lam_true, ranks=[2, 1])
+    result = run_hyper(HyperConfig(models=paths, name="t", out_dir=tmp_path, ranks=[2, 1], iterations=30,
+                                   dtype="float32", tol=1e-12))
+    report = json.loads(result.report_path.read_text())
+    assert report["mean_relative_error_covered"] < 1e-6
+    for path in paths:
+        rebuilt = apply_set(result, modules, path.stem)
+        with open_model(path) as src:
+            for m in modules:
+                assert torch.allclose(rebuilt[m.key], src.load(m.key).float(), atol=2e-5), (path.stem, m.name)
+    meta = open_model(result.lora_paths[0]).metadata
+    assert json.loads(meta["manifold_hyper_lambdas"]).keys() == {p.stem for p in paths}
+    # the hyper checkpoint is complete: every key of the inputs
+    assert set(open_model(result.hyper_path).keys()) == set(open_model(paths[0]).keys())
+
+
+def test_one_direction_of_exact_rank_reconstructs_after_one_round(tmp_path):
+    paths, modules = build_collection(tmp_path, torch.tensor([[0.9, -0.4]]), ranks=[3])
+    result = run_hyper(HyperConfig(models=paths, name="one", out_dir=tmp_path, ranks=[3], iterations=1,
+                                   dtype="float32"))
+    # (the error is read off accumulators, n - 2 lam.b + lam.A.lam: float32 products limit it to ~1e-7)
+    assert result.report["rounds"][0]["mean_relative_error"] < 1e-6
+    assert result.report["per_model"][0]["svd_floor_covered"] < 1e-8
+
+
+def test_projection_of_a_model_in_the_set_returns_its_lambdas(tmp_path):
+    lam_true = torch.tensor([[1.0, -0.5, 0.3, 0.8], [0.2, 1.0, -0.7, 0.1]])
+    paths, _ = build_collection(tmp_path, lam_true, ranks=[2, 1], noise=1e-3)
+    result = run_hyper(HyperConfig(models=paths, name="p", out_dir=tmp_path, ranks=[2, 1], iterations=6,
+                                   dtype="float32", floor=False))
+    for path in paths:
+        projected = project_model(tmp_path / "p", path)
+        assert projected["lambdas"] == pytest.approx(result.lambdas[path.stem], abs=1e-3)
+
+
+def test_beats_per_model_start_and_reports_every_block(tmp_path):
+    lam = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    paths, _ = build_collection(tmp_path, lam, ranks=[3, 2, 1], noise=2e-3)
+    result = run_hyper(HyperConfig(models=paths, name="r", out_dir=tmp_path, ranks=[1, 3, 2], iterations=8,
+                                   dtype="float32"))
+    rounds = [r["mean_relative_error"] for r in result.report["rounds"]]
+    assert rounds[-1] <= rounds[0] + 1e-9  # joint refinement never makes it worse than the PCA start
+    row = result.report["per_model"][0]
+    assert set(row["per_block"]) == {"input", "text_encoder"}
+    assert row["svd_floor_covered"] <= row["relative_error_covered"] + 1e-6
+    assert result.report["ranks"] == [3, 2, 1]  # larger ranks to larger components
+    assert [p.name for p in result.lora_paths] == ["r_0-3.safetensors", "r_1-2.safetensors", "r_2-1.safetensors"]
+
+
+def test_bad_inputs_write_nothing(tmp_path):
+    paths, _ = build_collection(tmp_path, torch.tensor([[1.0, -1.0, 0.5]]), ranks=[1])
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(MergeError, match="at most 2"):
+        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[1, 1, 1]))
+    with pytest.raises(MergeError, match="invalid name"):
+        run_hyper(HyperConfig(models=paths, name="../x", out_dir=tmp_path, ranks=[1]))
+    with pytest.raises(MergeCancelled):
+        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[1], progress=lambda d, t, k: d < 5))
+    assert set(os.listdir(tmp_path)) == before
+    (tmp_path / "x_hyper.safetensors").write_bytes(b"mine")
+    with pytest.raises(OutputExists):
+        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[1]))
+    assert (tmp_path / "x_hyper.safetensors").read_bytes() == b"mine"
+
+
+def test_extract_lora_of_an_exact_low_rank_difference(tmp_path):
+    base_sd = small_base(1)
+    modules = lora_modules({k: TensorSpec.of(v) for k, v in base_sd.items()})
+    g = torch.Generator().manual_seed(5)
+    tuned = {k: v.clone() for k, v in base_sd.items()}
+    for m in modules:
+        tuned[m.key] += (torch.randn(m.out_features, 2, generator=g) @ torch.randn(2, m.in_features, generator=g)
+                         ).reshape(m.shape) * 0.01
+    save_safetensors(tmp_path / "base.safetensors", base_sd)
+    save_safetensors(tmp_path / "tuned.safetensors", tuned)
+    info = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "l.safetensors",
+                        rank=2, conv_rank=2, dtype="fp32")
+    assert info["relative_error"] < 1e-6 and info["modules"] == len(modules)
+    with open_model(tmp_path / "l.safetensors") as lora:
+        for m in modules:
+            up = lora.load(f"{m.name}.lora_up.weight").reshape(m.out_features, 2)
+            down = lora.load(f"{m.name}.lora_down.weight").reshape(2, -1)
+            got = base_sd[m.key] + (up @ down).reshape(m.shape) * float(lora.load(f"{m.name}.alpha")) / 2
+            assert torch.allclose(got, tuned[m.key], atol=1e-5)
