@@ -50,11 +50,17 @@ class RoundResult:
 
 def pca_lambdas(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k eigenvectors of the M x M Gram matrix as initial strengths [k, M] (each row scaled to
-    max |lam| = 1), and all eigenvalues in descending order."""
+    max |lam| = 1), and all eigenvalues in descending order.
+
+    M models around their mean span at most M-1 directions. Asking for more LoRAs than that is still
+    useful (a second LoRA on the same direction adds rank to it), so LoRAs beyond the available
+    directions start on the largest directions again, in order."""
     values, vectors = torch.linalg.eigh(gram.double())
     order = torch.argsort(values, descending=True)
     values, vectors = values[order], vectors[:, order]
-    lam = vectors[:, :k].T.clone()
+    scale = float(values.clamp_min(0).max()) if values.numel() else 0.0
+    directions = max(1, int((values > 1e-9 * max(scale, 1e-300)).sum()))
+    lam = torch.stack([vectors[:, i % directions] for i in range(k)])
     lam = lam / lam.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
     # a fixed sign per component (largest entry positive) keeps outputs reproducible
     sign = torch.sign(lam.gather(1, lam.abs().argmax(dim=1, keepdim=True)))

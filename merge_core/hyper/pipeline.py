@@ -119,9 +119,6 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
         raise MergeError("hyper-merge needs at least 2 models")
     if not cfg.ranks or any(int(r) < 1 for r in cfg.ranks):
         raise MergeError(f"ranks must be positive integers, got {list(cfg.ranks)}")
-    if len(cfg.ranks) > len(cfg.models) - 1:
-        raise MergeError(f"{len(cfg.models)} models have at most {len(cfg.models) - 1} independent directions "
-                         f"around their average: give at most {len(cfg.models) - 1} ranks, got {len(cfg.ranks)}")
     if cfg.iterations < 1:
         raise MergeError("iterations must be >= 1")
     dtype_name = DTYPE_ALIASES.get(str(cfg.dtype).lower())

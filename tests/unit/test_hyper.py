@@ -118,11 +118,22 @@ def test_beats_per_model_start_and_reports_every_block(tmp_path):
     assert [p.name for p in result.lora_paths] == ["r_0-3.safetensors", "r_1-2.safetensors", "r_2-1.safetensors"]
 
 
+def test_more_loras_than_directions_add_rank_to_the_largest(tmp_path):
+    # 3 models around their mean span 2 directions; a third LoRA restarts on the largest one
+    lam_true = torch.tensor([[1.0, -0.6, 0.2], [0.1, 0.5, -0.9]])
+    paths, _ = build_collection(tmp_path, lam_true, ranks=[2, 1])
+    two = run_hyper(HyperConfig(models=paths, name="two", out_dir=tmp_path, ranks=[1, 1], iterations=10,
+                                dtype="float32", floor=False, tol=1e-9))
+    three = run_hyper(HyperConfig(models=paths, name="three", out_dir=tmp_path, ranks=[1, 1, 1], iterations=10,
+                                  dtype="float32", floor=False, tol=1e-9))
+    assert three.report["mean_relative_error_covered"] < 0.5 * two.report["mean_relative_error_covered"]
+
+
 def test_bad_inputs_write_nothing(tmp_path):
     paths, _ = build_collection(tmp_path, torch.tensor([[1.0, -1.0, 0.5]]), ranks=[1])
     before = set(os.listdir(tmp_path))
-    with pytest.raises(MergeError, match="at most 2"):
-        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[1, 1, 1]))
+    with pytest.raises(MergeError, match="ranks must be positive"):
+        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[4, 0]))
     with pytest.raises(MergeError, match="invalid name"):
         run_hyper(HyperConfig(models=paths, name="../x", out_dir=tmp_path, ranks=[1]))
     with pytest.raises(MergeCancelled):
