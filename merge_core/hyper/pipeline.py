@@ -87,8 +87,11 @@ def layer_deltas(sources: Sequence[ModelSource], hyper: ModelSource, module: Lor
                  device: torch.device) -> list[torch.Tensor]:
     """dW_m = W_m - H for one module, flattened to [out, in_flat], float32 on `device`."""
     h = _load_rows(hyper, module).to(device=device, dtype=torch.float32).reshape(module.out_features, -1)
-    return [_load_rows(s, module).to(device=device, dtype=torch.float32).reshape(module.out_features, -1) - h
-            for s in sources]
+    deltas = [_load_rows(s, module).to(device=device, dtype=torch.float32).reshape(module.out_features, -1) - h
+              for s in sources]
+    for src in list(sources) + [hyper]:  # the float32 copies are ours: drop the files' pages from our RSS
+        src.release(module.key)
+    return deltas
 
 
 class _Ticker:
@@ -197,6 +200,8 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
             continue
         h = hyper.load(key).to(device=device, dtype=torch.float32)
         deltas = [s.load(key).to(device=device, dtype=torch.float32) - h for s in sources]
+        for src in list(sources) + [hyper]:
+            src.release(key)
         uncovered_sq += torch.tensor([float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2) for d in deltas])
     lam, eigvals = D.pca_lambdas(gram, k_count)
 

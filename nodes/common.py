@@ -1,0 +1,47 @@
+"""Node plumbing shared by every node: optional inputs, weights, and running merge_core."""
+from __future__ import annotations
+
+from ..merge_core.engine import merge
+from ..merge_core.errors import MergeError
+
+CATEGORY = "Manifold Merge"
+MAX_INPUTS = 8
+
+
+def optional_inputs(kind: str, first: int = 3, with_weight: bool = False) -> dict:
+    opts = {}
+    for i in range(first, MAX_INPUTS + 1):
+        opts[f"{kind.lower()}{i}"] = (kind,)
+        if with_weight:
+            opts[f"weight{i}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
+    return opts
+
+
+def collect(kwargs: dict, kind: str, with_weight: bool = False):
+    """(inputs, weights) from model1..model8 / weight1..weight8, skipping unconnected ones."""
+    items, weights = [], []
+    for i in range(1, MAX_INPUTS + 1):
+        obj = kwargs.get(f"{kind}{i}")
+        if obj is not None:
+            items.append(obj)
+            weights.append(float(kwargs.get(f"weight{i}", 1.0)))
+    return items, (weights if with_weight else None)
+
+
+def parse_floats(text: str, what: str) -> list[float] | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise MergeError(f"{what}: expected numbers separated by commas, got {text!r}") from None
+
+
+def merge_state_dicts(state_dicts, method: str, names, **kw) -> dict:
+    """Merge in float32 on the host's device; results come back in each key's original dtype."""
+    from . import bridge
+    result = merge(state_dicts, method, names=names, device=bridge.torch_device(), dtype="auto",
+                   output_device=bridge.intermediate_device(), progress=bridge.progress_callback(), threads=1,
+                   **kw)
+    return result.state_dict

@@ -1,0 +1,164 @@
+"""Hyper-merge, hyper LoRA loader and LoRA extraction nodes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..merge_core.errors import MergeError
+from .common import CATEGORY, parse_floats
+
+
+def _loras_dir() -> str:
+    import folder_paths
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def hyper_sets() -> dict[str, list[str]]:
+    """Hyper sets in the loras folder: {NAME: [NAME_0-64.safetensors, ...] in index order}."""
+    import folder_paths
+    sets: dict[str, list[tuple[int, str]]] = {}
+    for rel in folder_paths.get_filename_list("loras"):
+        stem = rel.rsplit(".", 1)[0]
+        head, _, tail = stem.rpartition("_")
+        index, _, rank = tail.partition("-")
+        if head and index.isdigit() and rank.isdigit():
+            sets.setdefault(head, []).append((int(index), rel))
+    return {name: [rel for _, rel in sorted(files)] for name, files in sets.items()}
+
+
+class ManifoldMergeHyperMerge:
+    """Checkpoints -> hyper checkpoint (into checkpoints) + LoRAs (into loras) + multipliers + report."""
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("multipliers", "report")
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    NONE = "(none)"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+        files = folder_paths.get_filename_list("checkpoints")
+        return {"required": {"ckpt_1": (files,), "ckpt_2": (files,),
+                             "ranks": ("STRING", {"default": "64,64,32,32"}),
+                             "iterations": ("INT", {"default": 6, "min": 1, "max": 100}),
+                             "name": ("STRING", {"default": "hyper"}),
+                             "dtype": (["float16", "bfloat16", "float32"],)},
+                "optional": {f"ckpt_{i}": ([cls.NONE] + files,) for i in range(3, 9)}}
+
+    def run(self, ranks, iterations, name, dtype, **kw):
+        import folder_paths
+
+        from ..merge_core.hyper.pipeline import HyperConfig, format_report, run_hyper
+        from . import bridge
+        names = [kw[f"ckpt_{i}"] for i in range(1, 9) if kw.get(f"ckpt_{i}") not in (None, self.NONE)]
+        paths = [folder_paths.get_full_path_or_raise("checkpoints", n) for n in names]
+        rank_list = [int(r) for r in (parse_floats(ranks, "ranks") or [])]
+        ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
+        lora_dir = _loras_dir()
+        for target in [Path(ckpt_dir) / f"{name}_hyper.safetensors"] + [
+                Path(lora_dir) / f"{name}_{k}-{r}.safetensors" for k, r in enumerate(sorted(rank_list, reverse=True))]:
+            if target.exists():
+                raise MergeError(f"{target}: already exists; choose another name")
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir))
+        try:
+            result = run_hyper(HyperConfig(models=paths, name=name, out_dir=work, ranks=rank_list,
+                                           iterations=iterations, device=str(bridge.torch_device()), dtype=dtype,
+                                           floor=False, progress=bridge.progress_callback()))
+            os.replace(result.hyper_path, Path(ckpt_dir) / result.hyper_path.name)
+            for path in result.lora_paths + [result.multipliers_path, result.report_path]:
+                shutil.move(str(path), str(Path(lora_dir) / path.name))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        multipliers = (Path(lora_dir) / result.multipliers_path.name).read_text()
+        return {"ui": {"text": [multipliers]}, "result": (multipliers, format_report(result.report))}
+
+
+class ManifoldMergeHyperLoraLoader:
+    """Applies a hyper set's LoRAs at one source model's strengths (from the LoRA metadata) or manual ones."""
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
+                             "hyper_set": (sorted(hyper_sets()) or ["(no hyper sets in loras)"],),
+                             "source_model": ("STRING", {"default": ""}),
+                             "manual_strengths": ("STRING", {"default": ""})}}
+
+    def run(self, model, clip, hyper_set, source_model, manual_strengths):
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        files = hyper_sets().get(hyper_set)
+        if not files:
+            raise MergeError(f"no hyper set named {hyper_set!r} in the loras folder")
+        lora_sds, metas = [], []
+        for rel in files:
+            sd, meta = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", rel), safe_load=True,
+                                                   return_metadata=True)
+            lora_sds.append(sd)
+            metas.append(meta or {})
+        strengths = parse_floats(manual_strengths, "manual_strengths")
+        if strengths is None:
+            if not source_model.strip():
+                raise MergeError("give source_model (a model of the hyper set) or manual_strengths")
+            strengths = []
+            for rel, meta in zip(files, metas):
+                table = json.loads(meta.get("manifold_hyper_lambdas", "{}"))
+                if source_model not in table:
+                    raise MergeError(f"{rel}: no strength for {source_model!r}; models in this set: "
+                                     f"{', '.join(sorted(table))}")
+                strengths.append(float(table[source_model]))
+        if len(strengths) != len(files):
+            raise MergeError(f"{hyper_set} has {len(files)} LoRAs but {len(strengths)} strengths were given")
+        for sd, s in zip(lora_sds, strengths):
+            model, clip = comfy.sd.load_lora_for_models(model, clip, sd, s, s)
+        return (model, clip)
+
+
+class ManifoldMergeExtractLora:
+    """MODEL (and CLIP) minus a base -> kohya LoRA in the loras folder (UNet and CLIP-L text encoder)."""
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("summary",)
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "base_model": ("MODEL",),
+                             "rank": ("INT", {"default": 64, "min": 1, "max": 1024}),
+                             "conv_rank": ("INT", {"default": 0, "min": 0, "max": 1024}),
+                             "filename": ("STRING", {"default": "extracted_lora"})},
+                "optional": {"clip": ("CLIP",), "base_clip": ("CLIP",)}}
+
+    def run(self, model, base_model, rank, conv_rank, filename, clip=None, base_clip=None):
+        from ..merge_core.lora.extract import extract_lora
+        from . import bridge
+        if os.sep in filename or "/" in filename or filename.startswith("."):
+            raise MergeError(f"filename {filename!r}: give a file name, not a path")
+
+        def as_checkpoint(m, c):
+            sd = {"model." + k: v for k, v in bridge.effective_weights(m, "diffusion_model.").items()}
+            if c is not None:
+                for k, v in bridge.effective_weights(c, None, bridge.SKIP_CLIP_KEYS).items():
+                    if k.startswith("clip_l.transformer."):
+                        sd["cond_stage_model.transformer." + k[len("clip_l.transformer."):]] = v
+            return sd
+
+        out = Path(_loras_dir()) / (filename if filename.endswith(".safetensors") else filename + ".safetensors")
+        info = extract_lora(as_checkpoint(base_model, base_clip), as_checkpoint(model, clip), out, rank,
+                            conv_rank or None, device=str(bridge.torch_device()))
+        text = (f"wrote {out.name}: {info['modules']} modules, relative error over them "
+                f"{info['relative_error']:.4f}")
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+LORA_NODES = {"ManifoldMergeHyperMerge": ManifoldMergeHyperMerge,
+              "ManifoldMergeHyperLoraLoader": ManifoldMergeHyperLoraLoader,
+              "ManifoldMergeExtractLora": ManifoldMergeExtractLora}

@@ -1,0 +1,190 @@
+"""The node pack in a real ComfyUI: server started headless on 127.0.0.1, graphs queued over HTTP.
+
+Skipped unless COMFYUI_DIR points at a ComfyUI checkout; COMFYUI_PYTHON is the python of an environment
+that runs it (torch + torchvision + ComfyUI's requirements). See docs/comfyui.md.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
+ROOT = Path(__file__).resolve().parents[2]
+NODES = ["ManifoldMergeKarcherModel", "ManifoldMergeKarcherClip", "ManifoldMergeSlerpModel", "ManifoldMergeSlerpClip",
+         "ManifoldMergeMovingAverageModel", "ManifoldMergeMovingAverageClip", "ManifoldMergeCheckpoints",
+         "ManifoldMergeHyperMerge", "ManifoldMergeHyperLoraLoader", "ManifoldMergeExtractLora"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("checkpoints", "loras", "custom_nodes", "output"):
+        (base / sub).mkdir()
+    os.symlink(ROOT, base / "custom_nodes" / "manifold_merge")
+    proc = subprocess.run([python, str(Path(__file__).with_name("comfyui_fixtures.py")), COMFYUI_DIR,
+                           str(ROOT / "merge_core" / "data" / "layouts" / "sd15.json"), str(base / "checkpoints"), "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert "RESULT ok" in proc.stdout, proc.stderr[-3000:]
+    (base / "paths.yaml").write_text(f"e2e:\n  base_path: {base}\n  checkpoints: checkpoints\n  loras: loras\n"
+                                     f"  custom_nodes: custom_nodes\n")
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    server = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                               "--output-directory", str(base / "output"), "--disable-auto-launch",
+                               "--disable-api-nodes", "--extra-model-paths-config", str(base / "paths.yaml")],
+                              cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError((base / "comfyui.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url, base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _run(url, base, graph, timeout=600, expect="success"):
+    res = _post(url + "/prompt", {"prompt": graph, "client_id": "e2e"})
+    assert not res.get("node_errors"), res
+    pid = res["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = _get(f"{url}/history/{pid}")
+        if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+            status = hist[pid]["status"]
+            assert status.get("status_str") == expect, json.dumps(status)[-3000:] + \
+                (base / "comfyui.log").read_text()[-3000:]
+            return hist[pid]
+        time.sleep(0.5)
+    raise TimeoutError(pid)
+
+
+def _loaders(n):
+    return {f"L{i}": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"tiny_sd15_{i}.safetensors"}}
+            for i in range(n)}
+
+
+def _saved(base, prefix):
+    from safetensors.torch import load_file
+    files = sorted((base / "output").glob(f"{prefix}_*.safetensors"))
+    assert files, f"nothing saved for {prefix}"
+    return load_file(files[-1])
+
+
+def _ours(base, method, n, **kw):
+    from merge_core.engine import merge
+    paths = [base / "checkpoints" / f"tiny_sd15_{i}.safetensors" for i in range(n)]
+    return merge(paths, method, dtype="fp32", **kw).state_dict
+
+
+def _compare_unet(saved, ours):
+    keys = [k for k in saved if k.startswith("model.diffusion_model.")]
+    assert len(keys) > 100
+    for k in keys:
+        assert torch.allclose(saved[k].float(), ours[k].float(), atol=1e-5, rtol=1e-4), k
+
+
+def test_every_node_is_registered(comfy):
+    url, _ = comfy
+    info = _get(url + "/object_info")
+    missing = [n for n in NODES if n not in info]
+    assert not missing, missing
+    assert info["ManifoldMergeKarcherModel"]["category"] == "Manifold Merge"
+
+
+def test_karcher_node_matches_merge_core(comfy):
+    url, base = comfy
+    graph = {**_loaders(3),
+             "K": {"class_type": "ManifoldMergeKarcherModel",
+                   "inputs": {"model1": ["L0", 0], "weight1": 1.0, "model2": ["L1", 0], "weight2": 2.0,
+                              "model3": ["L2", 0], "weight3": 1.0, "iterations": 10, "tolerance": 1e-5}},
+             "S": {"class_type": "ModelSave", "inputs": {"model": ["K", 0], "filename_prefix": "e2e/karcher"}}}
+    _run(url, base, graph)
+    _compare_unet(_saved(base, "e2e/karcher"), _ours(base, "karcher", 3, weights=[1, 2, 1]))
+
+
+def test_slerp_and_moving_average_nodes_match_merge_core(comfy):
+    url, base = comfy
+    graph = {**_loaders(3),
+             "T": {"class_type": "ManifoldMergeSlerpModel", "inputs": {"model_a": ["L0", 0], "model_b": ["L1", 0], "t": 0.3}},
+             "S1": {"class_type": "ModelSave", "inputs": {"model": ["T", 0], "filename_prefix": "e2e/slerp"}},
+             "E": {"class_type": "ManifoldMergeMovingAverageModel",
+                   "inputs": {"method": "ema", "model1": ["L0", 0], "model2": ["L1", 0], "model3": ["L2", 0],
+                              "alpha": 0.4, "weights": ""}},
+             "S2": {"class_type": "ModelSave", "inputs": {"model": ["E", 0], "filename_prefix": "e2e/ema"}}}
+    _run(url, base, graph)
+    paths_ab = 2
+    _compare_unet(_saved(base, "e2e/slerp"), _ours(base, "slerp", paths_ab, t=0.3))
+    _compare_unet(_saved(base, "e2e/ema"), _ours(base, "ema", 3, alpha=0.4))
+
+
+def test_clip_karcher_and_checkpoint_merger(comfy):
+    url, base = comfy
+    graph = {**_loaders(2),
+             "C": {"class_type": "ManifoldMergeKarcherClip",
+                   "inputs": {"clip1": ["L0", 1], "weight1": 1.0, "clip2": ["L1", 1], "weight2": 1.0,
+                              "iterations": 10, "tolerance": 1e-5}},
+             "CS": {"class_type": "CLIPSave", "inputs": {"clip": ["C", 0], "filename_prefix": "e2e/clip"}},
+             "M": {"class_type": "ManifoldMergeCheckpoints",
+                   "inputs": {"ckpt_1": "tiny_sd15_0.safetensors", "ckpt_2": "tiny_sd15_1.safetensors",
+                              "method": "sma", "weights": "", "t": 0.5, "alpha": 0.5, "multiplier": 0.5,
+                              "save_as": "e2e_sma"}},
+             "S": {"class_type": "ModelSave", "inputs": {"model": ["M", 0], "filename_prefix": "e2e/ckpt_sma"}}}
+    _run(url, base, graph)
+    ours = _ours(base, "sma", 2)
+    _compare_unet(_saved(base, "e2e/ckpt_sma"), ours)
+    from safetensors.torch import load_file
+    written = load_file(base / "checkpoints" / "e2e_sma.safetensors")
+    for k, v in written.items():
+        if v.is_floating_point():
+            assert torch.allclose(v.float(), ours[k].to(v.dtype).float()), k
+    assert len(_saved(base, "e2e/clip")) > 100
+
+
+def test_bad_input_is_a_clear_node_error_and_writes_nothing(comfy):
+    url, base = comfy
+    before = sorted(p.name for p in (base / "checkpoints").iterdir())
+    graph = {"M": {"class_type": "ManifoldMergeCheckpoints",
+                   "inputs": {"ckpt_1": "tiny_sd15_0.safetensors", "ckpt_2": "tiny_sd15_1.safetensors",
+                              "method": "sma", "weights": "", "t": 0.5, "alpha": 0.5, "multiplier": 0.5,
+                              "save_as": "../escape"}},
+             "S": {"class_type": "ModelSave", "inputs": {"model": ["M", 0], "filename_prefix": "e2e/never"}}}
+    hist = _run(url, base, graph, expect="error")
+    messages = json.dumps(hist["status"].get("messages", []))
+    assert "give a file name, not a path" in messages
+    assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before
+    assert not (base / "escape.safetensors").exists()
