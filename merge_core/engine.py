@@ -116,6 +116,7 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
     return out.cpu() if out.device.type != "cpu" else out
 
 
+@torch.no_grad()  # hosts hand in nn.Parameters; merging never needs autograd (grad mode is per thread)
 def _run_and_store(task: KeyTask, models, base, config, device, sink: Sink) -> None:
     try:
         out_buffer = sink.buffer(task.key) if task.action == "merge" else None

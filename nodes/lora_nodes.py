@@ -57,7 +57,7 @@ class ManifoldMergeHyperMerge:
         names = [kw[f"ckpt_{i}"] for i in range(1, 9) if kw.get(f"ckpt_{i}") not in (None, self.NONE)]
         paths = [folder_paths.get_full_path_or_raise("checkpoints", n) for n in names]
         rank_list = [int(r) for r in (parse_floats(ranks, "ranks") or [])]
-        ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
+        ckpt_dir = os.path.dirname(paths[0])  # the hyper checkpoint goes beside the first input
         lora_dir = _loras_dir()
         for target in [Path(ckpt_dir) / f"{name}_hyper.safetensors"] + [
                 Path(lora_dir) / f"{name}_{k}-{r}.safetensors" for k, r in enumerate(sorted(rank_list, reverse=True))]:
@@ -146,7 +146,7 @@ class ManifoldMergeExtractLora:
         def as_checkpoint(m, c):
             sd = {"model." + k: v for k, v in bridge.effective_weights(m, "diffusion_model.").items()}
             if c is not None:
-                for k, v in bridge.effective_weights(c, None, bridge.SKIP_CLIP_KEYS).items():
+                for k, v in bridge.effective_weights(c.patcher, None, bridge.SKIP_CLIP_KEYS).items():
                     if k.startswith("clip_l.transformer."):
                         sd["cond_stage_model.transformer." + k[len("clip_l.transformer."):]] = v
             return sd

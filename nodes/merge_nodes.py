@@ -15,7 +15,7 @@ def _weights_of(objs, kind: str) -> tuple[list[dict], list[str]]:
     if kind == "MODEL":
         sds = [bridge.effective_weights(o, UNET_PREFIX) for o in objs]
     else:
-        sds = [bridge.effective_weights(o, None, bridge.SKIP_CLIP_KEYS) for o in objs]
+        sds = [bridge.effective_weights(o.patcher, None, bridge.SKIP_CLIP_KEYS) for o in objs]
     return sds, [f"{kind.lower()}{i + 1}" for i in range(len(objs))]
 
 
@@ -23,12 +23,17 @@ def _run(objs, kind: str, method: str, **kw):
     from . import bridge
     sds, names = _weights_of(objs, kind)
     merged = merge_state_dicts(sds, method, names, **kw)
-    target = objs[0] if kind == "MODEL" else objs[0]
+    return (_with_weights(objs[0], kind, merged),)
+
+
+def _with_weights(target, kind: str, merged: dict):
+    """A clone of the first input carrying the merged weights as patches (MODEL, or CLIP's patcher)."""
+    from . import bridge
     if kind == "MODEL":
-        return (bridge.patched_clone(target, merged),)
+        return bridge.patched_clone(target, merged)
     clone = target.clone()
     clone.patcher = bridge.patched_clone(target.patcher, merged)
-    return (clone,)
+    return clone
 
 
 def _karcher_class(kind: str):
@@ -73,17 +78,12 @@ def _slerp_class(kind: str):
                     "optional": {f"base_{low}": (kind,)}}
 
         def run(self, t, **kwargs):
-            from . import bridge
             a, b, base = kwargs[f"{low}_a"], kwargs[f"{low}_b"], kwargs.get(f"base_{low}")
             if base is None:
                 return _run([a, b], kind, "slerp", t=t)
             sds, names = _weights_of([a, b, base], kind)
             merged = merge_state_dicts(sds[:2], "slerp", names[:2], t=t, base=sds[2])
-            if kind == "MODEL":
-                return (bridge.patched_clone(a, merged),)
-            clone = a.clone()
-            clone.patcher = bridge.patched_clone(a.patcher, merged)
-            return (clone,)
+            return (_with_weights(a, kind, merged),)
 
     Slerp.__name__ = f"ManifoldMergeSlerp{kind.title()}"
     return Slerp
@@ -157,7 +157,7 @@ class ManifoldMergeCheckpoints:
             if os.sep in save_as or "/" in save_as or save_as.startswith("."):
                 raise MergeError(f"save_as {save_as!r}: give a file name, not a path")
             fname = save_as if save_as.endswith(".safetensors") else save_as + ".safetensors"
-            output = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], fname)
+            output = os.path.join(os.path.dirname(paths[0]), fname)  # beside the first input checkpoint
         result = merge(paths, method, output=output, weights=parse_floats(weights, "weights"), t=t, alpha=alpha,
                        multiplier=multiplier, device=bridge.torch_device(), progress=bridge.progress_callback())
         if output is not None:

@@ -115,6 +115,7 @@ def _validate(sources: Sequence[ModelSource], modules: Sequence[LoraModule]) -> 
                                  f"{first.name} has {list(first.spec(module.key).shape)}")
 
 
+@torch.no_grad()
 def run_hyper(cfg: HyperConfig) -> HyperResult:
     started = time.perf_counter()
     check_name(cfg.name)

@@ -30,6 +30,7 @@ def find_hyper_set(prefix) -> tuple[Path, list[Path]]:
     return hyper, [p for _, p in sorted(loras)]
 
 
+@torch.no_grad()
 def project_model(prefix, model, device: str = "cpu") -> dict:
     hyper_path, lora_paths = find_hyper_set(prefix)
     loras = [read_lora(p)[0] for p in lora_paths]

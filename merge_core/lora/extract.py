@@ -13,6 +13,7 @@ from .format import balanced_factors, factors_to_lora_tensors, save_lora
 from .keys import lora_modules
 
 
+@torch.no_grad()
 def extract_lora(base, model, output, rank: int, conv_rank: int | None = None, device: str = "cpu",
                  dtype: str = "fp16", overwrite: bool = False, seed: int = 0, progress=None) -> dict:
     """3x3 convolutions are included only with `conv_rank` (as kohya does); 1x1 convs count as linear."""

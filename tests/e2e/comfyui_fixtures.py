@@ -25,7 +25,9 @@ unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=
                  channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
                  transformer_depth_middle=1, use_spatial_transformer=True, num_heads=8, context_dim=768,
                  use_linear_in_transformer=False, adm_in_channels=None, dtype=torch.float32)
-base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+# ComfyUI builds modules without initialising them (torch.empty): take only the keys and shapes
+init = torch.Generator().manual_seed(2)
+base = {k: torch.randn(v.shape, generator=init) * 0.05 for k, v in unet.state_dict().items()}
 layout = json.load(open(layout_path))["tensors"]
 gen = torch.Generator().manual_seed(1)
 shared = {t["key"]: (torch.randn(t["shape"], generator=gen) * 0.02).half()
@@ -35,7 +37,7 @@ for m in range(count):
     g = torch.Generator().manual_seed(100 + m)
     sd = dict(shared)
     for k, v in base.items():
-        noise = torch.randn(v.shape, generator=g) * (0.2 * float(v.float().std()) + 1e-3)
+        noise = torch.randn(v.shape, generator=g) * 0.01
         sd["model.diffusion_model." + k] = (v + noise).half()
     save_file(sd, f"{out_dir}/tiny_sd15_{m}.safetensors")
 print("RESULT ok")

@@ -205,3 +205,13 @@ def test_sharded_folder_output_with_index_and_extra_files(tmp_path, write):
     assert sum(f.endswith(".safetensors") for f in files) >= 2
     with open_model(out) as merged:
         assert len(merged.keys()) == len(tiny_sd1(0))
+
+
+def test_parameters_that_require_grad_merge_without_autograd(three):
+    """Hosts (ComfyUI) hand in nn.Parameters; the merge must not trip over autograd."""
+    sds, _ = three
+    params = [{k: torch.nn.Parameter(v.float(), requires_grad=True) if v.is_floating_point() else v
+               for k, v in sd.items()} for sd in sds]
+    result = merge(params, "karcher", dtype="fp32")
+    assert not result.state_dict[TO_K].requires_grad
+    assert torch.allclose(result.state_dict[TO_K], M.karcher_mean_direct([sd[TO_K].float() for sd in sds]), atol=1e-5)
