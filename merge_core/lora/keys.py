@@ -60,15 +60,27 @@ class LoraModule:
         return len(self.shape) == 4
 
 
-def _unet_diffusers_path(path: str) -> str | None:
-    """LDM UNet module path (without prefix) -> diffusers path, for the covered modules."""
+def res_blocks_per_level(keys) -> int:
+    """Res blocks per UNet level (2 in SD1/SD2/SDXL), read off the first downsampler's position."""
+    ops = [int(m[1]) for k in keys if (m := re.match(r"^model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.", k))]
+    if ops:
+        return min(ops) - 1
+    blocks = [int(m[1]) for k in keys if (m := re.match(r"^model\.diffusion_model\.input_blocks\.(\d+)\.", k))]
+    return max(blocks) if blocks else 2
+
+
+def _unet_diffusers_path(path: str, per_level: int = 2) -> str | None:
+    """LDM UNet module path (without prefix) -> diffusers path, for the covered modules.
+
+    Each down level is `per_level` res blocks then a downsampler; each up level `per_level + 1`
+    res blocks, the last one followed by the upsampler."""
     m = re.match(r"^input_blocks\.(\d+)\.(\d+)\.(.+)$", path)
     if m:
         n, sub, rest = int(m[1]), int(m[2]), m[3]
         if n == 0:
             return None  # conv_in: not covered
-        level, pos = (n - 1) // 3, (n - 1) % 3
-        if pos == 2:
+        level, pos = (n - 1) // (per_level + 1), (n - 1) % (per_level + 1)
+        if pos == per_level:
             return f"down_blocks.{level}.downsamplers.0.conv" if rest == "op" else None
         return _inner(f"down_blocks.{level}", sub, pos, rest)
     m = re.match(r"^middle_block\.(\d)\.(.+)$", path)
@@ -80,7 +92,7 @@ def _unet_diffusers_path(path: str) -> str | None:
     m = re.match(r"^output_blocks\.(\d+)\.(\d+)\.(.+)$", path)
     if m:
         n, sub, rest = int(m[1]), int(m[2]), m[3]
-        level, pos = n // 3, n % 3
+        level, pos = n // (per_level + 1), n % (per_level + 1)
         if rest == "conv":
             return f"up_blocks.{level}.upsamplers.0.conv"
         return _inner(f"up_blocks.{level}", sub, pos, rest)
@@ -113,11 +125,12 @@ def lora_modules(specs: Mapping, arch: str | None = None) -> list[LoraModule]:
                  ("conditioner.embedders.1.model.", "lora_te2", "text_encoder_2")],
     }[arch]
     modules: list[LoraModule] = []
+    per_level = res_blocks_per_level(specs)
     for key, spec in specs.items():
         shape = tuple(spec.shape) if hasattr(spec, "shape") else tuple(spec)
         if key.startswith(UNET) and key.endswith(".weight") and len(shape) in (2, 4):
             path = key[len(UNET):-len(".weight")]
-            diffusers = _unet_diffusers_path(path)
+            diffusers = _unet_diffusers_path(path, per_level)
             if diffusers:
                 modules.append(LoraModule("lora_unet_" + diffusers.replace(".", "_"), key, shape,
                                           block=_block_of(path)))

@@ -189,3 +189,44 @@ def test_bad_input_is_a_clear_node_error_and_writes_nothing(comfy):
     assert "give a file name, not a path" in messages
     assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before
     assert not (base / "escape.safetensors").exists()
+
+
+def test_hyper_merge_node_then_loader_node_rebuild_a_model(comfy):
+    """Hyper-merge node writes the set; the loader node applies one model's strengths with ComfyUI's LoRA
+    code; the result equals hyper + sum_k lambda_k * LoRA_k computed our own way, with no unknown key."""
+    url, base = comfy
+    from merge_core.lora.format import read_lora
+    from merge_core.lora.keys import lora_modules
+    from merge_core.io import open_model
+    graph = {"H": {"class_type": "ManifoldMergeHyperMerge",
+                   "inputs": {"ckpt_1": "tiny_sd15_0.safetensors", "ckpt_2": "tiny_sd15_1.safetensors",
+                              "ckpt_3": "tiny_sd15_2.safetensors", "ranks": "4,2", "iterations": 4,
+                              "name": "e2ehyper", "dtype": "float32"}}}
+    hist = _run(url, base, graph)
+    assert "tiny_sd15_1: <lora:e2ehyper_0-4:" in json.dumps(hist["outputs"])
+    lora_dir = Path(COMFYUI_DIR) / "models" / "loras"
+    lora_files = [lora_dir / "e2ehyper_0-4.safetensors", lora_dir / "e2ehyper_1-2.safetensors"]
+    try:
+        graph = {"L": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "e2ehyper_hyper.safetensors"}},
+                 "R": {"class_type": "ManifoldMergeHyperLoraLoader",
+                       "inputs": {"model": ["L", 0], "clip": ["L", 1], "hyper_set": "e2ehyper",
+                                  "source_model": "tiny_sd15_1", "manual_strengths": ""}},
+                 "S": {"class_type": "ModelSave", "inputs": {"model": ["R", 0], "filename_prefix": "e2e/rebuilt"}}}
+        _run(url, base, graph)
+        saved = _saved(base, "e2e/rebuilt")
+        loras = [read_lora(p) for p in lora_files]
+        with open_model(base / "checkpoints" / "e2ehyper_hyper.safetensors") as hyper:
+            modules = [m for m in lora_modules(hyper.specs()) if m.key.startswith("model.diffusion_model.")]
+            assert len(modules) > 20
+            for m in modules:
+                expected = hyper.load(m.key).float().reshape(m.out_features, -1)
+                for factors, meta in loras:
+                    up, down, scale = factors[m.name]
+                    lam = json.loads(meta["manifold_hyper_lambdas"])["tiny_sd15_1"]
+                    expected = expected + (up @ down) * scale * lam
+                got = saved[m.key].float().reshape(m.out_features, -1)
+                assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), m.name
+        assert "lora key not loaded" not in (base / "comfyui.log").read_text()
+    finally:
+        for path in lora_files + [lora_dir / "e2ehyper_multipliers.txt", lora_dir / "e2ehyper_report.json"]:
+            path.unlink(missing_ok=True)
