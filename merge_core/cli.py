@@ -142,17 +142,17 @@ def cmd_demo(args) -> int:
         print(f"  {method + suffix:16s} {len(inputs)} models -> {out.name}: {result.summary['merged']} merged, "
               f"{result.summary['copied']} copied, {time.perf_counter() - t0:.2f} s, "
               f"weights {result.metadata.get('normalized_weights')}")
+    from .hyper.pipeline import HyperConfig, run_hyper
+    t0 = time.perf_counter()
+    hyper = run_hyper(HyperConfig(models=paths, name="demo", out_dir=folder, ranks=[4, 2], iterations=3,
+                                  overwrite=True))
+    print(f"  hyper-merge      3 models -> {hyper.hyper_path.name} + {len(hyper.lora_paths)} LoRAs, mean error "
+          f"{hyper.report['mean_relative_error_covered']:.3f} over the LoRA layers, "
+          f"{time.perf_counter() - t0:.2f} s; tags:")
+    for line in hyper.multipliers_path.read_text().splitlines():
+        print(f"    {line}")
     print("done: every method ran on the demo checkpoints.")
     return 0
-
-
-def cmd_app(args) -> int:
-    try:
-        from manifold_webui.app import main as app_main  # gradio is imported only here
-    except ImportError as exc:
-        print(f"error: the web app needs gradio (pip install -r requirements-app.txt): {exc}", file=sys.stderr)
-        return 2
-    return app_main(args.app_args) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,9 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build small demo checkpoints and run every method on them")
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("app", help="the merge tab as a standalone local web app (needs gradio)")
-    p.add_argument("app_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_app)
     try:
         from .hyper.cli import add_subcommands
     except ImportError:

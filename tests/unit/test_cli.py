@@ -66,3 +66,4 @@ def test_inspect_and_demo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "every method ran" in proc.stdout
     assert len(list((tmp_path / "demo").glob("merged_*.safetensors"))) == 9
+    assert (tmp_path / "demo" / "demo_multipliers.txt").read_text().count("<lora:demo_") == 6
