@@ -20,7 +20,6 @@ def _weights_of(objs, kind: str) -> tuple[list[dict], list[str]]:
 
 
 def _run(objs, kind: str, method: str, **kw):
-    from . import bridge
     sds, names = _weights_of(objs, kind)
     merged = merge_state_dicts(sds, method, names, **kw)
     return (_with_weights(objs[0], kind, merged),)
@@ -36,13 +35,21 @@ def _with_weights(target, kind: str, merged: dict):
     return clone
 
 
+class _Node:
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+
+
+def _named(cls, prefix: str, kind: str):
+    cls.RETURN_TYPES = (kind,)
+    cls.__name__ = cls.__qualname__ = f"ManifoldMerge{prefix}{kind.title()}"
+    return cls
+
+
 def _karcher_class(kind: str):
     low = kind.lower()
 
-    class Karcher:
-        CATEGORY = CATEGORY
-        RETURN_TYPES = (kind,)
-        FUNCTION = "run"
+    class Karcher(_Node):
         DESCRIPTION = (f"Weighted Karcher (Riemannian) mean of 2-8 {kind}s: whole-tensor directions averaged "
                        f"on the sphere, magnitude = weighted mean of norms.")
 
@@ -58,17 +65,13 @@ def _karcher_class(kind: str):
             objs, weights = collect(kwargs, low, with_weight=True)
             return _run(objs, kind, "karcher", weights=weights, karcher_iter=iterations, karcher_tol=tolerance)
 
-    Karcher.__name__ = f"ManifoldMergeKarcher{kind.title()}"
-    return Karcher
+    return _named(Karcher, "Karcher", kind)
 
 
 def _slerp_class(kind: str):
     low = kind.lower()
 
-    class Slerp:
-        CATEGORY = CATEGORY
-        RETURN_TYPES = (kind,)
-        FUNCTION = "run"
+    class Slerp(_Node):
         DESCRIPTION = f"Whole-tensor SLERP of two {kind}s (t = 0 gives the first); with a base, of their task vectors."
 
         @classmethod
@@ -85,17 +88,13 @@ def _slerp_class(kind: str):
             merged = merge_state_dicts(sds[:2], "slerp", names[:2], t=t, base=sds[2])
             return (_with_weights(a, kind, merged),)
 
-    Slerp.__name__ = f"ManifoldMergeSlerp{kind.title()}"
-    return Slerp
+    return _named(Slerp, "Slerp", kind)
 
 
 def _moving_average_class(kind: str):
     low = kind.lower()
 
-    class MovingAverage:
-        CATEGORY = CATEGORY
-        RETURN_TYPES = (kind,)
-        FUNCTION = "run"
+    class MovingAverage(_Node):
         DESCRIPTION = ("SMA (equal weights), EMA (each newer input weighs alpha) or WMA (weights, default N..1: the "
                        f"first input weighs most) of 2-8 {kind}s.")
 
@@ -110,8 +109,7 @@ def _moving_average_class(kind: str):
             objs, _ = collect(kwargs, low)
             return _run(objs, kind, method, alpha=alpha, weights=parse_floats(weights, "weights"))
 
-    MovingAverage.__name__ = f"ManifoldMergeMovingAverage{kind.title()}"
-    return MovingAverage
+    return _named(MovingAverage, "MovingAverage", kind)
 
 
 class ManifoldMergeCheckpoints:

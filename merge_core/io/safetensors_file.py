@@ -123,6 +123,23 @@ def _pread_fallback(fd: int, n: int, offset: int) -> bytes:
     return os.read(fd, n)
 
 
+def drop_pages(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Take the whole pages of [offset, offset+length) out of this process's resident set.
+
+    File-backed pages stay valid: read again they come back from the page cache (or the disk), and
+    dirty pages of a shared map are still written back."""
+    if not hasattr(mmap, "MADV_DONTNEED") or not hasattr(mapping, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    stop = (offset + length) // page * page
+    if stop > start:
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError):
+            pass
+
+
 class SafetensorsReader:
     """Lazy, validated, thread-safe reader of one .safetensors file.
 
@@ -180,17 +197,10 @@ class SafetensorsReader:
 
     def release(self, key: str) -> None:
         """Drop this tensor's mapped pages from the resident set (data stays valid on disk/cache)."""
-        if self._map is None or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._map is None:
             return
         begin, end = self._offsets[key]
-        page = mmap.PAGESIZE
-        start = -(-(self._data_start + begin) // page) * page
-        stop = (self._data_start + end) // page * page
-        if stop > start:
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):
-                pass
+        drop_pages(self._map, self._data_start + begin, end - begin)
 
     def close(self) -> None:
         if self._map is not None:
@@ -331,24 +341,11 @@ class SafetensorsWriter:
                 if target.ctypes.data != tensor.data_ptr():  # not computed in place: copy it in
                     target[:] = tensor_bytes(tensor)
                 del target
-                self._drop_pages(offset, spec.nbytes)
+                drop_pages(self._map, offset, spec.nbytes)  # written pages still reach the disk
             else:
                 _write_all(self._fd, self._lock, tensor_bytes(tensor), offset)
         with self._lock:
             self._written.add(key)
-
-    def _drop_pages(self, offset: int, length: int) -> None:
-        """Written pages leave our resident set (the kernel still writes them back)."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        start = -(-offset // page) * page
-        stop = (offset + length) // page * page
-        if stop > start:
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
-            except (OSError, ValueError):
-                pass
 
     def _close_map(self) -> None:
         if self._map is not None:
