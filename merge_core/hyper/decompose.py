@@ -23,6 +23,7 @@ at ones and normalised by layer means; see docs/hyper.md for the comparison.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -70,6 +71,11 @@ def pca_lambdas(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def assign_ranks(ranks: Sequence[int]) -> list[int]:
     """Larger ranks to larger components: components are ordered by eigenvalue."""
     return sorted((int(r) for r in ranks), reverse=True)
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A seed per LoRA module from its name, so results do not depend on key order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
 def _orthonormal(y: Tensor) -> Tensor:

@@ -219,7 +219,7 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         for i, mod in enumerate(modules):
             deltas = layer_deltas(sources, hyper, mod, device)
             layer_ranks = [min(r, mod.out_features, mod.in_features) for r in ranks]
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)
+            generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
             previous = None if factors[i] is None else [(u.to(device), v.to(device)) for u, v in factors[i]]
             new, fit = D.fit_layer(deltas, lam, layer_ranks, previous, generator,
                                    power_iters=2 if previous is None else 1)

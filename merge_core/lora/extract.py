@@ -8,7 +8,7 @@ import torch
 from ..errors import MergeError
 from ..io.sources import open_model
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
-from ..hyper.decompose import truncated_svd
+from ..hyper.decompose import module_seed, truncated_svd
 from .format import balanced_factors, factors_to_lora_tensors, save_lora
 from .keys import lora_modules
 
@@ -42,7 +42,7 @@ def extract_lora(base, model, output, rank: int, conv_rank: int | None = None, d
                 error_sq += sq
                 continue
             r = min(r, *delta.shape)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            gen = torch.Generator().manual_seed(module_seed(seed, module.name))
             u, v = truncated_svd(delta, r, None, gen, power_iters=4)
             error_sq += max(sq - float(torch.linalg.vector_norm(u, dtype=torch.float64) ** 2), 0.0)
             up, down = balanced_factors(u, v)

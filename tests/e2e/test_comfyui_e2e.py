@@ -230,3 +230,31 @@ def test_hyper_merge_node_then_loader_node_rebuild_a_model(comfy):
     finally:
         for path in lora_files + [lora_dir / "e2ehyper_multipliers.txt", lora_dir / "e2ehyper_report.json"]:
             path.unlink(missing_ok=True)
+
+
+def test_extract_lora_node_matches_the_file_based_extraction(comfy):
+    url, base = comfy
+    from safetensors.torch import load_file
+
+    from merge_core.lora.extract import extract_lora
+    graph = {**_loaders(2),
+             "X": {"class_type": "ManifoldMergeExtractLora",
+                   "inputs": {"model": ["L1", 0], "base_model": ["L0", 0], "clip": ["L1", 1], "base_clip": ["L0", 1],
+                              "rank": 4, "conv_rank": 2, "filename": "e2e_extract"}}}
+    target = Path(COMFYUI_DIR) / "models" / "loras" / "e2e_extract.safetensors"
+    try:
+        hist = _run(url, base, graph)
+        assert "wrote e2e_extract.safetensors" in json.dumps(hist["outputs"])
+        ours = base / "ours_extract.safetensors"
+        extract_lora(base / "checkpoints" / "tiny_sd15_0.safetensors", base / "checkpoints" / "tiny_sd15_1.safetensors",
+                     ours, rank=4, conv_rank=2, overwrite=True)
+        node_sd, our_sd = load_file(target), load_file(ours)
+        assert set(node_sd) == set(our_sd) and len(our_sd) > 60
+        for k in our_sd:
+            if k.endswith(".lora_up.weight"):
+                name = k[:-len(".lora_up.weight")]
+                a = node_sd[k].float().flatten(1) @ node_sd[name + ".lora_down.weight"].float().flatten(1)
+                b = our_sd[k].float().flatten(1) @ our_sd[name + ".lora_down.weight"].float().flatten(1)
+                assert torch.allclose(a, b, atol=1e-4, rtol=1e-2), name
+    finally:
+        target.unlink(missing_ok=True)
