@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fixtures import DATA, layout_specs  # noqa: E402
 from bench.hyper_reference import reference_hyper  # noqa: E402
-from merge_core.hyper.pipeline import HyperConfig, layer_deltas, run_hyper  # noqa: E402
+from merge_core.hyper.pipeline import HyperConfig, run_hyper  # noqa: E402
 from merge_core.io import SafetensorsWriter, open_model  # noqa: E402
-from merge_core.lora.keys import lora_modules  # noqa: E402
+from merge_core.lora.keys import layer_deltas, lora_modules  # noqa: E402
 
 SCALES = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18]
 INNER = 256

@@ -15,9 +15,8 @@ import torch
 
 from .errors import MergeCancelled
 from .io.safetensors_file import SafetensorsWriter, check_output_path
+from .io.sources import CHECKPOINT_SUFFIXES
 from .io.spec import TensorSpec
-
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 class Sink:
@@ -106,7 +105,10 @@ class Sink:
             old = self.output.parent / f".{self.output.name}.old-merge"
             os.replace(self.output, old)
             os.replace(self._tmp_dir, self.output)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(self._tmp_dir, self.output)
         self._tmp_dir = None
@@ -123,7 +125,7 @@ def copy_extra_files(source_folder: Path, target: Path) -> list[str]:
     """Copy the first model's non-weight files (configs, tokenizer...), never its shard index."""
     copied = []
     for item in sorted(source_folder.iterdir()):
-        if (item.name.startswith(".") or not item.is_file() or item.suffix.lower() in WEIGHT_SUFFIXES
+        if (item.name.startswith(".") or not item.is_file() or item.suffix.lower() in CHECKPOINT_SUFFIXES
                 or item.name.endswith(".index.json")):
             continue
         dest = target / item.name

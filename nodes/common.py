@@ -1,6 +1,8 @@
 """Node plumbing shared by every node: optional inputs, weights, and running merge_core."""
 from __future__ import annotations
 
+import os
+
 from ..merge_core.engine import merge
 from ..merge_core.errors import MergeError
 
@@ -36,6 +38,32 @@ def parse_floats(text: str, what: str) -> list[float] | None:
         return [float(x) for x in text.replace(",", " ").split()]
     except ValueError:
         raise MergeError(f"{what}: expected numbers separated by commas, got {text!r}") from None
+
+
+NONE = "(none)"
+
+
+def checkpoint_inputs() -> tuple[dict, dict]:
+    """Required ckpt_1/ckpt_2 and optional ckpt_3..ckpt_8 pickers over the checkpoints folder."""
+    import folder_paths
+    files = folder_paths.get_filename_list("checkpoints")
+    required = {"ckpt_1": (files,), "ckpt_2": (files,)}
+    optional = {f"ckpt_{i}": ([NONE] + files,) for i in range(3, MAX_INPUTS + 1)}
+    return required, optional
+
+
+def checkpoint_paths(kwargs: dict) -> list[str]:
+    """Full paths of the picked checkpoints, in input order, skipping the '(none)' ones."""
+    import folder_paths
+    names = [kwargs[f"ckpt_{i}"] for i in range(1, MAX_INPUTS + 1) if kwargs.get(f"ckpt_{i}") not in (None, NONE)]
+    return [folder_paths.get_full_path_or_raise("checkpoints", n) for n in names]
+
+
+def plain_file_name(value: str, what: str) -> str:
+    """A .safetensors file name typed into a node; a path (or hidden name) is refused."""
+    if os.sep in value or "/" in value or value.startswith("."):
+        raise MergeError(f"{what} {value!r}: give a file name, not a path")
+    return value if value.endswith(".safetensors") else value + ".safetensors"
 
 
 def merge_state_dicts(state_dicts, method: str, names, **kw) -> dict:

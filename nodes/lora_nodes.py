@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..merge_core.errors import MergeError
-from .common import CATEGORY, parse_floats
+from .common import CATEGORY, checkpoint_inputs, checkpoint_paths, parse_floats, plain_file_name
 
 
 def _loras_dir() -> str:
@@ -36,26 +36,21 @@ class ManifoldMergeHyperMerge:
     RETURN_NAMES = ("multipliers", "report")
     FUNCTION = "run"
     OUTPUT_NODE = True
-    NONE = "(none)"
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
-        files = folder_paths.get_filename_list("checkpoints")
-        return {"required": {"ckpt_1": (files,), "ckpt_2": (files,),
+        required, optional = checkpoint_inputs()
+        return {"required": {**required,
                              "ranks": ("STRING", {"default": "64,64,32,32"}),
                              "iterations": ("INT", {"default": 6, "min": 1, "max": 100}),
                              "name": ("STRING", {"default": "hyper"}),
                              "dtype": (["float16", "bfloat16", "float32"],)},
-                "optional": {f"ckpt_{i}": ([cls.NONE] + files,) for i in range(3, 9)}}
+                "optional": optional}
 
     def run(self, ranks, iterations, name, dtype, **kw):
-        import folder_paths
-
         from ..merge_core.hyper.pipeline import HyperConfig, format_report, run_hyper
         from . import bridge
-        names = [kw[f"ckpt_{i}"] for i in range(1, 9) if kw.get(f"ckpt_{i}") not in (None, self.NONE)]
-        paths = [folder_paths.get_full_path_or_raise("checkpoints", n) for n in names]
+        paths = checkpoint_paths(kw)
         rank_list = [int(r) for r in (parse_floats(ranks, "ranks") or [])]
         ckpt_dir = os.path.dirname(paths[0])  # the hyper checkpoint goes beside the first input
         lora_dir = _loras_dir()
@@ -140,8 +135,7 @@ class ManifoldMergeExtractLora:
     def run(self, model, base_model, rank, conv_rank, filename, clip=None, base_clip=None):
         from ..merge_core.lora.extract import extract_lora
         from . import bridge
-        if os.sep in filename or "/" in filename or filename.startswith("."):
-            raise MergeError(f"filename {filename!r}: give a file name, not a path")
+        out = Path(_loras_dir()) / plain_file_name(filename, "filename")
 
         def as_checkpoint(m, c):
             sd = {"model." + k: v for k, v in bridge.effective_weights(m, "diffusion_model.").items()}
@@ -151,7 +145,6 @@ class ManifoldMergeExtractLora:
                         sd["cond_stage_model.transformer." + k[len("clip_l.transformer."):]] = v
             return sd
 
-        out = Path(_loras_dir()) / (filename if filename.endswith(".safetensors") else filename + ".safetensors")
         info = extract_lora(as_checkpoint(base_model, base_clip), as_checkpoint(model, clip), out, rank,
                             conv_rank or None, device=str(bridge.torch_device()))
         text = (f"wrote {out.name}: {info['modules']} modules, relative error over them "

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from ..merge_core.compute import METHODS
-from ..merge_core.errors import MergeError
-from .common import CATEGORY, collect, merge_state_dicts, optional_inputs, parse_floats
+from .common import (CATEGORY, NONE, checkpoint_inputs, checkpoint_paths, collect, merge_state_dicts,
+                     optional_inputs, parse_floats, plain_file_name)
 
 UNET_PREFIX = "diffusion_model."
 
@@ -117,27 +117,24 @@ class ManifoldMergeCheckpoints:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "run"
-    NONE = "(none)"
 
     @classmethod
     def INPUT_TYPES(cls):
-        import folder_paths
-        files = folder_paths.get_filename_list("checkpoints")
-        opt = {f"ckpt_{i}": ([cls.NONE] + files,) for i in range(3, 9)}
-        return {"required": {"ckpt_1": (files,), "ckpt_2": (files,), "method": (list(METHODS),),
+        required, optional = checkpoint_inputs()
+        return {"required": {**required, "method": (list(METHODS),),
                              "weights": ("STRING", {"default": ""}),
                              "t": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
                              "alpha": ("FLOAT", {"default": 0.5, "min": 0.001, "max": 1.0, "step": 0.01}),
                              "multiplier": ("FLOAT", {"default": 0.5, "min": -2.0, "max": 2.0, "step": 0.01}),
                              "save_as": ("STRING", {"default": ""})},
-                "optional": opt}
+                "optional": optional}
 
     @classmethod
     def IS_CHANGED(cls, **kw):
         import folder_paths
         stamps = []
         for key, name in sorted(kw.items()):
-            if key.startswith("ckpt_") and name != cls.NONE:
+            if key.startswith("ckpt_") and name != NONE:
                 path = folder_paths.get_full_path("checkpoints", name)
                 stamps.append(os.path.getmtime(path) if path else 0)
         return f"{stamps}{sorted((k, v) for k, v in kw.items() if not k.startswith('ckpt_'))}"
@@ -148,14 +145,10 @@ class ManifoldMergeCheckpoints:
 
         from ..merge_core.engine import merge
         from . import bridge
-        names = [kw[f"ckpt_{i}"] for i in range(1, 9) if kw.get(f"ckpt_{i}") not in (None, self.NONE)]
-        paths = [folder_paths.get_full_path_or_raise("checkpoints", n) for n in names]
+        paths = checkpoint_paths(kw)
         output = None
-        if save_as.strip():
-            if os.sep in save_as or "/" in save_as or save_as.startswith("."):
-                raise MergeError(f"save_as {save_as!r}: give a file name, not a path")
-            fname = save_as if save_as.endswith(".safetensors") else save_as + ".safetensors"
-            output = os.path.join(os.path.dirname(paths[0]), fname)  # beside the first input checkpoint
+        if save_as.strip():  # beside the first input checkpoint
+            output = os.path.join(os.path.dirname(paths[0]), plain_file_name(save_as, "save_as"))
         result = merge(paths, method, output=output, weights=parse_floats(weights, "weights"), t=t, alpha=alpha,
                        multiplier=multiplier, device=bridge.torch_device(), progress=bridge.progress_callback())
         if output is not None:

@@ -22,7 +22,7 @@ from ..engine import merge, resolve_device
 from ..errors import MergeCancelled, MergeError, OutputExists
 from ..io.sources import ModelSource, open_model
 from ..lora.format import balanced_factors, factors_to_lora_tensors, save_lora, strength_tag
-from ..lora.keys import LoraModule, lora_modules
+from ..lora.keys import LoraModule, layer_deltas, lora_modules
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
 from . import decompose as D
 
@@ -74,24 +74,6 @@ def output_names(name: str, ranks: Sequence[int]) -> dict[str, str]:
 def check_name(name: str) -> None:
     if not name or any(c in name for c in "/\\:*?\"<>|") or name.startswith("."):
         raise MergeError(f"invalid name {name!r}: use letters, digits, '-' and '_' (no path separators)")
-
-
-def _load_rows(src: ModelSource, module: LoraModule) -> torch.Tensor:
-    tensor = src.load(module.key)
-    if module.row_start is not None:
-        tensor = tensor[module.row_start:module.row_stop]
-    return tensor
-
-
-def layer_deltas(sources: Sequence[ModelSource], hyper: ModelSource, module: LoraModule,
-                 device: torch.device) -> list[torch.Tensor]:
-    """dW_m = W_m - H for one module, flattened to [out, in_flat], float32 on `device`."""
-    h = _load_rows(hyper, module).to(device=device, dtype=torch.float32).reshape(module.out_features, -1)
-    deltas = [_load_rows(s, module).to(device=device, dtype=torch.float32).reshape(module.out_features, -1) - h
-              for s in sources]
-    for src in list(sources) + [hyper]:  # the float32 copies are ours: drop the files' pages from our RSS
-        src.release(module.key)
-    return deltas
 
 
 class _Ticker:

@@ -8,10 +8,10 @@ import torch
 from ..errors import MergeError
 from ..io.sources import open_model
 from ..lora.format import read_lora, strength_tag
-from ..lora.keys import lora_modules
+from ..lora.keys import layer_deltas, lora_modules
 from ..plan import check_architectures
 from . import decompose as D
-from .pipeline import layer_deltas, stem
+from .pipeline import stem
 
 
 def find_hyper_set(prefix) -> tuple[Path, list[Path]]:

@@ -10,7 +10,7 @@ from ..io.sources import open_model
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
 from ..hyper.decompose import module_seed, truncated_svd
 from .format import balanced_factors, factors_to_lora_tensors, save_lora
-from .keys import lora_modules
+from .keys import layer_deltas, lora_modules
 
 
 @torch.no_grad()
@@ -33,9 +33,7 @@ def extract_lora(base, model, output, rank: int, conv_rank: int | None = None, d
             r = conv_rank if k3 else rank
             if module.key not in m:
                 raise MergeError(f"{m.name}: has no {module.key!r}")
-            rows = slice(module.row_start, module.row_stop)
-            delta = (m.load(module.key)[rows].to(dev, torch.float32)
-                     - b.load(module.key)[rows].to(dev, torch.float32)).reshape(module.out_features, -1)
+            (delta,) = layer_deltas([m], b, module, dev)
             sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
             total_sq += sq
             if r is None or sq == 0.0:

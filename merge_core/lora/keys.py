@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+import torch
+
 from ..arch import detect_architecture, display_name
 from ..errors import MergeError
 
@@ -157,3 +159,20 @@ def lora_modules(specs: Mapping, arch: str | None = None) -> list[LoraModule]:
                 else:
                     modules.append(LoraModule(base + _OPENCLIP_NAMES[part], key, shape, block=block))
     return modules
+
+
+def layer_deltas(sources, reference, module: LoraModule, device) -> list[torch.Tensor]:
+    """W - reference for one module of every source, flattened to [out, in_flat], float32 on `device`.
+
+    The float32 copies are ours, so the files' mapped pages are released right away."""
+    def rows(src) -> torch.Tensor:
+        tensor = src.load(module.key)
+        if module.row_start is not None:
+            tensor = tensor[module.row_start:module.row_stop]
+        return tensor.to(device=device, dtype=torch.float32).reshape(module.out_features, -1)
+
+    ref = rows(reference)
+    deltas = [rows(src) - ref for src in sources]
+    for src in list(sources) + [reference]:
+        src.release(module.key)
+    return deltas

@@ -19,7 +19,6 @@ import comfy.cli_args  # noqa: E402,F401
 import comfy.lora  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
-import torch  # noqa: E402
 
 model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(hyper_path, output_vae=True, output_clip=True)
 key_map = comfy.lora.model_lora_keys_unet(model.model, {})

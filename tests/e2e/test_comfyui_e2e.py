@@ -5,7 +5,6 @@ that runs it (torch + torchvision + ComfyUI's requirements). See docs/comfyui.md
 """
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
