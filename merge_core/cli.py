@@ -155,6 +155,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_app_arguments(parser) -> None:
+    # The app lives in manifold_webui (beside this package); gradio is imported only when it starts.
+    try:
+        from manifold_webui.app import add_arguments
+    except ImportError:
+        return
+    add_arguments(parser)
+
+
+def cmd_app(args) -> int:
+    try:
+        from manifold_webui.app import main
+    except ImportError:
+        raise MergeError("the app needs the manifold_webui folder of this repository beside merge_core") from None
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merge_core", description="Manifold Merge: merge SD checkpoints")
     parser.add_argument("--version", action="version", version=f"manifold-merge {__version__}")
@@ -168,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build small demo checkpoints and run every method on them")
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("app", help="the merge tab as a local web app (needs requirements-app.txt)")
+    p.set_defaults(func=cmd_app)
+    _add_app_arguments(p)
     try:
         from .hyper.cli import add_subcommands
     except ImportError:

@@ -15,6 +15,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--iterations", type=int)
     p.add_argument("--name")
     p.add_argument("--out-dir")
+    p.add_argument("--lora-dir", help="folder for the LoRA files (default: --out-dir), e.g. the WebUI's models/Lora")
     p.add_argument("--device")
     p.add_argument("--dtype", help="float16 (default), bfloat16 or float32")
     p.add_argument("--tol", type=float, default=1e-3, help="stop when a round improves the error by less")
@@ -70,6 +71,7 @@ def cmd_hyper(args) -> int:
     try:
         result = run_hyper(HyperConfig(
             models=cfg["models"], name=cfg.get("name", "hyper"), out_dir=cfg.get("out_dir", "."),
+            lora_dir=args.lora_dir,
             ranks=cfg.get("ranks", (64, 64, 32, 32)), iterations=int(cfg.get("iterations", 6)),
             device=cfg.get("device", "cpu"), dtype=cfg.get("dtype", "float16"), tol=float(cfg.get("tol", args.tol)),
             floor=not args.no_floor, overwrite=args.overwrite, progress=update))

@@ -7,6 +7,7 @@ output directory and moved into place only when everything succeeded.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ class HyperConfig:
     models: Sequence[str | os.PathLike]
     name: str = "hyper"
     out_dir: str | os.PathLike = "."
+    lora_dir: str | os.PathLike | None = None  # where the LoRA files go (default: out_dir)
     ranks: Sequence[int] = (64, 64, 32, 32)
     iterations: int = 6
     device: str = "cpu"
@@ -115,11 +117,15 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
     out_dir = Path(cfg.out_dir)
     if not out_dir.is_dir():
         raise MergeError(f"{out_dir}: output folder does not exist")
+    lora_dir = Path(cfg.lora_dir) if cfg.lora_dir is not None else out_dir
+    if not lora_dir.is_dir():
+        raise MergeError(f"{lora_dir}: LoRA folder does not exist")
     ranks = D.assign_ranks(cfg.ranks)
     names = output_names(cfg.name, ranks)
-    for fname in names.values():
-        if (out_dir / fname).exists() and not cfg.overwrite:
-            raise OutputExists(f"{out_dir / fname}: already exists (use --overwrite to replace it)")
+    final = {key: (lora_dir if key.startswith("lora") else out_dir) / fname for key, fname in names.items()}
+    for path in final.values():
+        if path.exists() and not cfg.overwrite:
+            raise OutputExists(f"{path}: already exists (use --overwrite to replace it)")
     model_paths = [Path(p) for p in cfg.models]
     stems = [stem(p) for p in model_paths]
     if len(set(stems)) != len(stems):
@@ -158,14 +164,29 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
                               + "\n" for s in stems)
         (tmp / names["multipliers"]).write_text(multipliers)
         (tmp / names["report"]).write_text(json.dumps(report, indent=2))
-        for fname in names.values():  # everything succeeded: move into place
-            os.replace(tmp / fname, out_dir / fname)
+        for key, fname in names.items():  # everything succeeded: move into place
+            _move_into_place(tmp / fname, final[key])
     finally:
         for s in sources:
             s.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    return HyperResult(out_dir / names["hyper"], [out_dir / names[f"lora{k}"] for k in range(len(ranks))],
-                       out_dir / names["multipliers"], out_dir / names["report"], lam_rows, report, rounds)
+    return HyperResult(final["hyper"], [final[f"lora{k}"] for k in range(len(ranks))],
+                       final["multipliers"], final["report"], lam_rows, report, rounds)
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename; across file systems, copy to a hidden name beside `dst` first so `dst` is never partial."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        part = dst.with_name(f".{dst.name}.part")
+        try:
+            shutil.copyfile(src, part)
+            os.replace(part, dst)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):

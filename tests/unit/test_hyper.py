@@ -164,3 +164,21 @@ def test_extract_lora_of_an_exact_low_rank_difference(tmp_path):
             down = lora.load(f"{m.name}.lora_down.weight").reshape(2, -1)
             got = base_sd[m.key] + (up @ down).reshape(m.shape) * float(lora.load(f"{m.name}.alpha")) / 2
             assert torch.allclose(got, tuned[m.key], atol=1e-5)
+
+
+def test_loras_can_go_to_their_own_folder(tmp_path):
+    """The WebUI layout: hyper checkpoint in models/Stable-diffusion, LoRAs in models/Lora."""
+    paths, _ = build_collection(tmp_path, torch.tensor([[0.9, -0.4]]), ranks=[3])
+    ckpt, lora = tmp_path / "Stable-diffusion", tmp_path / "Lora"
+    ckpt.mkdir()
+    lora.mkdir()
+    (lora / "w_0-3.safetensors").write_bytes(b"mine")
+    with pytest.raises(OutputExists, match="w_0-3.safetensors"):
+        run_hyper(HyperConfig(models=paths, name="w", out_dir=ckpt, lora_dir=lora, ranks=[3], iterations=1))
+    assert os.listdir(ckpt) == [] and os.listdir(lora) == ["w_0-3.safetensors"]
+    (lora / "w_0-3.safetensors").unlink()
+    result = run_hyper(HyperConfig(models=paths, name="w", out_dir=ckpt, lora_dir=lora, ranks=[3], iterations=1,
+                                   dtype="float32"))
+    assert result.lora_paths == [lora / "w_0-3.safetensors"] and result.lora_paths[0].is_file()
+    assert sorted(os.listdir(ckpt)) == ["w_hyper.safetensors", "w_multipliers.txt", "w_report.json"]
+    assert result.report["per_model"][0]["relative_error_covered"] < 1e-6

@@ -1,0 +1,278 @@
+"""One adapter per host: where checkpoints and LoRAs live, how the host's list is refreshed,
+how its progress bar is driven and how a merged model gets into the running model.
+
+`StandaloneHost` is the `python -m merge_core app` case (no WebUI). The WebUI
+adapters import the host's `modules` package lazily, inside their methods, so
+this file imports without any host.
+
+Loading a merge without writing a file:
+- A1111 1.10 and reForge: `sd_models.load_model(info, already_loaded_state_dict=...)`
+  with a copy of the first input's CheckpointInfo renamed to the merge, and the
+  copy registered as an alias so the next generation does not reload from disk.
+- Forge: `load_model` is a stub there; `backend.loader.forge_loader(state_dict)`
+  builds the model, and `model_data.forge_hash` is set to the current loading
+  parameters so `forge_model_reload()` keeps it until the user picks another
+  checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from merge_core.errors import MergeError
+from merge_core.io.sources import CHECKPOINT_SUFFIXES
+
+
+@dataclass
+class Settings:
+    dtype: str = "auto"          # auto | fp16 | bf16 | fp32
+    device: str = "host"         # host | auto | cpu | cuda
+    threads: int = 0             # 0 = automatic
+    keep_in_ram: bool = False    # keep the last "Merge and load" result so Save writes it without re-merging
+
+
+def _checkpoint_files(folder: Path, exclude: Path | None = None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for root, dirs, files in os.walk(folder):
+        root_path = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or (root_path / d).resolve() != exclude.resolve()))
+        found += [root_path / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix().lower())
+
+
+class Host:
+    """The standalone app: a models folder and a LoRA folder, no running model."""
+
+    name = "standalone"
+    can_hot_load = False
+    can_switch = False
+
+    def __init__(self, checkpoint_dir, lora_dir=None, settings: Settings | None = None):
+        self._checkpoint_dir = Path(checkpoint_dir)
+        self._lora_dir = Path(lora_dir) if lora_dir is not None else self._checkpoint_dir / "Lora"
+        self._settings = settings or Settings()
+
+    # folders and the checkpoint list
+    def checkpoint_dir(self) -> Path:
+        return self._checkpoint_dir
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def list_checkpoints(self) -> list[str]:
+        folder = self.checkpoint_dir()
+        return [p.relative_to(folder).as_posix() for p in _checkpoint_files(folder, exclude=self.lora_dir())]
+
+    def checkpoint_path(self, name: str) -> Path:
+        path = self.checkpoint_dir() / name
+        if not name or not path.is_file():
+            raise MergeError(f"{name or '(empty)'}: checkpoint not found in {self.checkpoint_dir()}; press refresh")
+        return path
+
+    def refresh(self) -> None:
+        """The standalone list is read from disk every time."""
+
+    def saved_title(self, path: Path) -> str:
+        return path.relative_to(self.checkpoint_dir()).as_posix()
+
+    # settings, device, progress
+    def settings(self) -> Settings:
+        return self._settings
+
+    def default_device(self) -> str:
+        return "auto"
+
+    def begin_job(self, job: str, total: int) -> None:
+        pass
+
+    def job_step(self, done: int, total: int, text: str) -> None:
+        pass
+
+    def end_job(self) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False
+
+    # the running model
+    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
+        raise MergeError(f"{self.name}: there is no running model to load into; use Save instead")
+
+    def switch_to(self, title: str) -> str:
+        raise MergeError(f"{self.name}: there is no running model to switch; the file is saved")
+
+
+class WebUIHost(Host):
+    """AUTOMATIC1111 1.10 (and the parts Forge and reForge share with it)."""
+
+    name = "AUTOMATIC1111"
+    can_hot_load = True
+    can_switch = True
+
+    def __init__(self):
+        super().__init__(".")
+
+    def checkpoint_dir(self) -> Path:
+        from modules import sd_models, shared
+        return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path)
+
+    def lora_dir(self) -> Path:
+        from modules import paths, shared
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"))
+
+    def list_checkpoints(self) -> list[str]:
+        from modules import sd_models
+        return list(sd_models.checkpoint_tiles())
+
+    def _info(self, name: str):
+        from modules import sd_models
+        info = sd_models.get_closet_checkpoint_match(name) if name else None
+        if info is None or not Path(info.filename).is_file():
+            raise MergeError(f"{name or '(empty)'}: checkpoint not found; press refresh")
+        return info
+
+    def checkpoint_path(self, name: str) -> Path:
+        return Path(self._info(name).filename)
+
+    def refresh(self) -> None:
+        from modules import sd_models
+        sd_models.list_models()
+
+    def saved_title(self, path: Path) -> str:
+        from modules import sd_models
+        for info in sd_models.checkpoints_list.values():
+            if Path(info.filename).resolve() == path.resolve():
+                return info.title
+        return path.name
+
+    def settings(self) -> Settings:
+        from modules import shared
+        opts = shared.opts
+        return Settings(dtype=getattr(opts, "manifold_merge_dtype", "auto"),
+                        device=getattr(opts, "manifold_merge_device", "host"),
+                        threads=int(getattr(opts, "manifold_merge_threads", 0) or 0),
+                        keep_in_ram=bool(getattr(opts, "manifold_merge_keep_in_ram", False)))
+
+    def default_device(self) -> str:
+        from modules import devices
+        return str(devices.device)
+
+    def begin_job(self, job: str, total: int) -> None:
+        from modules import shared
+        shared.state.begin(job=job)
+        shared.state.job_count = 1
+        shared.state.sampling_steps = total
+        shared.state.sampling_step = 0
+
+    def job_step(self, done: int, total: int, text: str) -> None:
+        from modules import shared
+        shared.state.sampling_steps = total
+        shared.state.sampling_step = done
+        shared.state.textinfo = text
+
+    def end_job(self) -> None:
+        from modules import shared
+        shared.state.end()
+
+    def interrupted(self) -> bool:
+        from modules import shared
+        return bool(getattr(shared.state, "interrupted", False))
+
+    def _merged_info(self, template_name: str, title: str, state_dict: dict):
+        """A copy of the first input's CheckpointInfo under the merge's name: the host finds its
+        config (yaml) through the template's file, and the fake sha256 keeps it from hashing that file."""
+        template = self._info(template_name)
+        info = copy.copy(template)
+        digest = hashlib.sha256(f"manifold-merge:{title}:{len(state_dict)}".encode()).hexdigest()
+        info.name = info.name_for_extra = info.model_name = title
+        info.title = f"{title} [{digest[:10]}]"
+        info.hash, info.sha256, info.shorthash = digest[:8], digest, digest[:10]
+        info.ids = [title, info.title]
+        return info
+
+    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
+        from modules import sd_models, shared
+        info = self._merged_info(template_name, title, state_dict)
+        sd_models.load_model(info, already_loaded_state_dict=state_dict)
+        # The next generation resolves opts.sd_model_checkpoint through the aliases; without this
+        # entry it would fall back to another checkpoint and reload it from disk.
+        sd_models.checkpoint_aliases[info.title] = info
+        shared.opts.data["sd_model_checkpoint"] = info.title
+        return f"loaded {title} into the running model ({self.name}); nothing was written to disk"
+
+    def switch_to(self, title: str) -> str:
+        from modules import sd_models, shared
+        info = self._info(title)
+        shared.opts.data["sd_model_checkpoint"] = info.title
+        sd_models.reload_model_weights(info=info)
+        return f"switched to {info.title}"
+
+
+class ReForgeHost(WebUIHost):
+    """reForge: `load_model(info, already_loaded_state_dict)` works as in A1111
+    (its `load_model_weights` is a stub, which we do not use)."""
+
+    name = "reForge"
+
+    def switch_to(self, title: str) -> str:
+        from modules import sd_models, shared
+        info = self._info(title)
+        shared.opts.data["sd_model_checkpoint"] = info.title
+        sd_models.load_model(info)
+        return f"switched to {info.title}"
+
+
+class ForgeHost(WebUIHost):
+    """Forge: loading goes through `forge_model_reload()` and its loading parameters."""
+
+    name = "Forge"
+
+    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
+        from backend import memory_management
+        from backend.loader import forge_loader
+        from modules import script_callbacks, sd_models
+        info = self._merged_info(template_name, title, state_dict)
+        model_data = sd_models.model_data
+        if model_data.sd_model is not None:  # free the old model first, as forge_model_reload does
+            model_data.sd_model = None
+            memory_management.unload_all_models()
+            memory_management.soft_empty_cache()
+            gc.collect()
+        model = forge_loader(state_dict)
+        model.extra_generation_params, model.comments = {}, []
+        model.sd_checkpoint_info, model.filename, model.sd_model_hash = info, info.filename, info.shorthash
+        model_data.set_sd_model(model)
+        script_callbacks.model_loaded_callback(model)
+        # forge_model_reload() reloads from disk only when the loading parameters change.
+        model_data.forge_hash = str(model_data.forge_loading_parameters)
+        return f"loaded {title} into the running model (Forge); it stays until you pick another checkpoint"
+
+    def switch_to(self, title: str) -> str:
+        from modules_forge import main_entry
+        info = self._info(title)
+        main_entry.checkpoint_change(info.title)
+        return f"switched to {info.title} (Forge loads it at the next generation)"
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a stubbed module without a spec
+        return False
+
+
+def detect_host() -> WebUIHost:
+    """reForge has `ldm_patched` (and `modules_forge`); Forge has `backend`; else A1111."""
+    if _has_module("ldm_patched"):
+        return ReForgeHost()
+    if _has_module("backend") and _has_module("modules_forge"):
+        return ForgeHost()
+    return WebUIHost()

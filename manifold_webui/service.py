@@ -1,0 +1,295 @@
+"""What the tab does, without gradio: validate a request, run merge_core, talk to the host.
+
+Every action returns plain Python values (text, rows, HTML) or raises
+`MergeError` with a message meant for the user; the UI layer only turns those
+into components. Nothing here writes a file that is not complete: the engine
+and the hyper pipeline write to hidden temporary files and rename at the end.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from merge_core.compute import BASE_METHODS, MethodConfig
+from merge_core.errors import MergeCancelled, MergeError
+
+from . import charts
+from .hosts import Host
+
+METHOD_LABELS = {
+    "karcher": "Karcher mean",
+    "slerp": "SLERP",
+    "sma": "SMA",
+    "ema": "EMA",
+    "wma": "WMA",
+    "weighted": "Weighted sum",
+    "add-difference": "Add difference",
+}
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+NONE = "(none)"
+UIProgress = Callable[[float, str], None]
+
+
+def plain_name(text: str, what: str = "output name") -> str:
+    """A file name typed by the user, without extension; paths and hidden names are refused."""
+    name = (text or "").strip()
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name:
+        raise MergeError(f"{what}: give a name for the new file")
+    if any(c in name for c in "/\\:*?\"<>|") or name.startswith(".") or ".." in name:
+        raise MergeError(f"{what} {text!r}: use a plain file name, without folders or path separators")
+    return name
+
+
+def parse_numbers(text: str, what: str, cast=float) -> list | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return [cast(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise MergeError(f"{what}: expected numbers separated by spaces or commas, got {text!r}") from None
+
+
+@dataclass
+class MergeRequest:
+    method: str = "karcher"
+    models: list[str] = field(default_factory=list)
+    weights: str = ""
+    t: float = 0.5
+    alpha: float = 0.5
+    multiplier: float = 0.5
+    karcher_iter: int = 10
+    karcher_tol: float = 1e-5
+    base: str = NONE
+    name: str = ""
+    dtype: str = "auto"
+    device: str = "host"
+
+    def config(self) -> MethodConfig:
+        """The method and its parameters, validated exactly as the engine will."""
+        if self.method not in METHOD_LABELS:
+            raise MergeError(f"unknown method {self.method!r}")
+        weights = parse_numbers(self.weights, "weights")
+        if weights is not None and len(weights) != len(self.models):
+            raise MergeError(f"{len(weights)} weights for {len(self.models)} models: give one per model, "
+                             f"in the order they were picked")
+        try:
+            return MethodConfig(self.method, len(self.models), tuple(weights) if weights else None, float(self.t),
+                                float(self.alpha), float(self.multiplier), int(self.karcher_iter),
+                                float(self.karcher_tol))
+        except ValueError as exc:
+            raise MergeError(str(exc)) from None
+
+    def base_name(self) -> str | None:
+        return None if self.base in (None, "", NONE) else self.base
+
+
+class MergeService:
+    """The tab's actions for one host. One job runs at a time; `cancel()` stops it between tensors."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self._cancel = threading.Event()
+        self._busy = threading.Lock()
+        self._kept: tuple[str, dict, dict] | None = None  # (request key, state dict, metadata) of the last load
+
+    # ---- lists -------------------------------------------------------------
+    def checkpoints(self, refresh: bool = False) -> list[str]:
+        if refresh:
+            self.host.refresh()
+        return self.host.list_checkpoints()
+
+    def device(self, choice: str | None = None) -> str:
+        choice = choice or self.host.settings().device
+        return self.host.default_device() if choice in ("host", "", None) else choice
+
+    # ---- jobs --------------------------------------------------------------
+    def cancel(self) -> str:
+        self._cancel.set()
+        return "Cancelling: the job stops after the tensor it is working on; nothing will be written."
+
+    def _job(self, job: str, ui_progress: UIProgress | None):
+        """A context for one job: host progress + UI progress + cancel flag -> an engine progress callback."""
+        service = self
+
+        class _Job:
+            def __enter__(self_inner):
+                if not service._busy.acquire(blocking=False):
+                    raise MergeError("another Manifold Merge job is running; wait for it or cancel it")
+                service._cancel.clear()
+                service.host.begin_job(job, 0)
+                return self_inner
+
+            def __exit__(self_inner, *exc):
+                service.host.end_job()
+                service._busy.release()
+
+            def __call__(self_inner, done: int, total: int, text: str):
+                service.host.job_step(done, total, text)
+                if ui_progress is not None:
+                    ui_progress(done / total if total else 0.0, f"{job}: {text}")
+                if service._cancel.is_set() or service.host.interrupted():
+                    return False
+                return None
+
+        return _Job()
+
+    def _paths(self, names: list[str]) -> list[Path]:
+        return [self.host.checkpoint_path(n) for n in names]
+
+    def _engine_args(self, req: MergeRequest) -> dict:
+        cfg = req.config()
+        if req.base_name() and req.method not in BASE_METHODS:
+            raise MergeError(f"a base model only applies to {' and '.join(METHOD_LABELS[m] for m in BASE_METHODS)}")
+        if req.dtype not in DTYPES:
+            raise MergeError(f"unknown output dtype {req.dtype!r}")
+        threads = self.host.settings().threads or None
+        return dict(weights=list(cfg.weights) if cfg.weights else None, t=cfg.t, alpha=cfg.alpha,
+                    multiplier=cfg.multiplier, karcher_iter=cfg.karcher_iter, karcher_tol=cfg.karcher_tol,
+                    dtype=req.dtype, device=self.device(req.device), threads=threads)
+
+    def recipe_preview(self, req: MergeRequest) -> str:
+        """The recipe that will go into the file's metadata (hashes are added when the files are read)."""
+        if not req.models:
+            raise MergeError("pick the models to merge")
+        cfg = req.config()
+        preview = {
+            "tool": "manifold-merge", "method": req.method, "parameters": cfg.recipe_params(),
+            "inputs": [{"name": Path(n.split(" [")[0]).stem} for n in req.models],
+            "base": {"name": Path(req.base_name().split(" [")[0]).stem} if req.base_name() else None,
+            "normalized_weights": [round(c, 6) for c in cfg.reported_weights()] if cfg.reported_weights() else None,
+            "output_dtype": req.dtype,
+            "output": f"{plain_name(req.name)}.safetensors" if req.name.strip() else None,
+        }
+        return json.dumps(preview, indent=2)
+
+    def _output_path(self, req: MergeRequest) -> Path:
+        name = plain_name(req.name)
+        folder = self.host.checkpoint_dir()
+        if not folder.is_dir():
+            raise MergeError(f"{folder}: checkpoint folder does not exist")
+        path = folder / f"{name}.safetensors"
+        if path.exists():
+            raise MergeError(f"{path.name} already exists in {folder}; pick another name")
+        return path
+
+    def save(self, req: MergeRequest, ui_progress: UIProgress | None = None) -> tuple[str, str]:
+        """Merge into the checkpoint folder and refresh the host's list. Returns (message, saved title)."""
+        from merge_core.engine import merge
+        from merge_core.io.safetensors_file import save_safetensors
+        args = self._engine_args(req)
+        output = self._output_path(req)
+        models, base = self._paths(req.models), (self.host.checkpoint_path(req.base_name()) if req.base_name() else None)
+        with self._job("Manifold Merge: save", ui_progress) as progress:
+            if self._kept is not None and self._kept[0] == self._recipe_key(req):
+                save_safetensors(output, self._kept[1], self._kept[2])  # atomic: temp file + rename
+                how = "from the merge kept in RAM"
+            else:
+                result = merge(models, req.method, output=output, base=base, progress=progress,
+                               names=[p.stem for p in models], **args)
+                how = f"in {result.summary['seconds']:.1f} s"
+        self.host.refresh()
+        title = self.host.saved_title(output)
+        return f"Saved {output.name} to {output.parent} ({how}).", title
+
+    def _recipe_key(self, req: MergeRequest) -> str:
+        data = asdict(req)
+        data.pop("name")
+        return json.dumps(data, sort_keys=True)
+
+    def merge_and_load(self, req: MergeRequest, ui_progress: UIProgress | None = None) -> str:
+        """Merge in memory and put the result into the running model; no file is written."""
+        from merge_core.engine import merge
+        if not self.host.can_hot_load:
+            raise MergeError(f"{self.host.name} cannot load a merge into a running model; use Save")
+        title = plain_name(req.name) if req.name.strip() else f"manifold-{req.method}"
+        args = self._engine_args(req)
+        models, base = self._paths(req.models), (self.host.checkpoint_path(req.base_name()) if req.base_name() else None)
+        self._kept = None
+        with self._job("Manifold Merge: merge and load", ui_progress) as progress:
+            result = merge(models, req.method, output=None, base=base, progress=progress,
+                           names=[p.stem for p in models], hash_inputs=False, **args)
+            message = self.host.hot_load(result.state_dict, title, req.models[0])
+        if self.host.settings().keep_in_ram:
+            self._kept = (self._recipe_key(req), result.state_dict, result.metadata)
+            message += "; the weights stay in RAM, so Save writes them without merging again"
+        return message + "."
+
+    def switch_to(self, title: str) -> str:
+        if not title:
+            raise MergeError("save a merge first")
+        return self.host.switch_to(title)
+
+    def hyper(self, models: list[str], ranks_text: str, iterations: int, name: str, dtype: str,
+              device: str | None = None, ui_progress: UIProgress | None = None) -> dict:
+        """M checkpoints -> hyper checkpoint (checkpoint folder) + LoRAs (LoRA folder) + tags + report."""
+        from merge_core.hyper.pipeline import HyperConfig, run_hyper
+        if len(models) < 2:
+            raise MergeError("pick at least two models for a hyper-merge")
+        ranks = parse_numbers(ranks_text, "ranks", int)
+        if not ranks:
+            raise MergeError("ranks: give one rank per LoRA, e.g. 64 64 32 32")
+        lora_dir = self.host.lora_dir()
+        if not lora_dir.is_dir():
+            raise MergeError(f"{lora_dir}: LoRA folder does not exist")
+        paths = self._paths(models)
+        with self._job("Manifold Merge: hyper-merge", ui_progress) as progress:
+            result = run_hyper(HyperConfig(models=paths, name=plain_name(name, "name"),
+                                           out_dir=self.host.checkpoint_dir(), lora_dir=lora_dir, ranks=ranks,
+                                           iterations=int(iterations), device=self.device(device),
+                                           dtype=dtype if dtype != "auto" else "fp16",
+                                           threads=self.host.settings().threads or None, progress=progress))
+        self.host.refresh()
+        report = result.report
+        rows = [[r["model"]] + [round(x, 4) for x in r["lambdas"]] +
+                [round(r["relative_error_covered"], 4), round(r["relative_error_all_weights"], 4)]
+                for r in report["per_model"]]
+        headers = ["model"] + [f"λ{k}" for k in range(len(report["ranks"]))] + ["error (LoRA layers)", "error (all)"]
+        return {
+            "message": (f"Wrote {result.hyper_path.name} to {result.hyper_path.parent} and "
+                        f"{len(result.lora_paths)} LoRAs to {lora_dir}; mean error "
+                        f"{report['mean_relative_error_covered']:.4f} after {report['iterations_run']} rounds."),
+            "multipliers": result.multipliers_path.read_text(),
+            "headers": headers, "rows": rows,
+            "chart": charts.bar_chart([r["model"] for r in report["per_model"]],
+                                      [r["relative_error_covered"] for r in report["per_model"]],
+                                      "relative error over the LoRA layers"),
+            "report": report,
+        }
+
+    def inspect(self, models: list[str], ui_progress: UIProgress | None = None) -> dict:
+        """Facts about each model, and their pairwise cosine similarity when two or more are picked."""
+        from merge_core.inspect import inspect_model
+        from merge_core.similarity import pairwise_cosine
+        if not models:
+            raise MergeError("pick one or more models to inspect")
+        paths = self._paths(models)
+        infos = [inspect_model(p) for p in paths]
+        rows = [[p.stem, i["architecture"], ", ".join(f"{k} x{v}" for k, v in i["dtypes"].items()),
+                 round(i["file_size"] / 2 ** 20, 1), round(i["parameters"] / 1e6, 2), i["short_hash"]]
+                for p, i in zip(paths, infos)]
+        out = {"headers": ["model", "architecture", "dtypes", "MiB", "M params", "hash"], "rows": rows,
+               "metadata": json.dumps({p.stem: i["metadata"] for p, i in zip(paths, infos)}, indent=2),
+               "heatmap": "", "similarity": None}
+        if len(paths) >= 2:
+            with self._job("Manifold Merge: compare", ui_progress) as progress:
+                sim = pairwise_cosine(paths, names=[p.stem for p in paths], progress=progress)
+            out["similarity"] = sim
+            out["heatmap"] = charts.heatmap(sim["names"], sim["cosine"])
+        return out
+
+
+def friendly(exc: BaseException) -> str:
+    """The message shown in the tab for a failed action."""
+    if isinstance(exc, MergeCancelled):
+        return f"Cancelled: {exc}"
+    if isinstance(exc, MergeError):
+        return f"Error: {exc}"
+    if isinstance(exc, OSError):
+        return f"Error: {exc.filename or ''} {exc.strerror or exc}".strip()
+    return f"Error: {type(exc).__name__}: {exc}"

@@ -1,0 +1,156 @@
+"""The standalone app (`python -m merge_core app`) driven in a real headless Chromium.
+
+Needs playwright (Python) and a Chromium binary: Debian's `chromium` at
+/usr/bin/chromium (or $CHROMIUM); Playwright's own browser download is not used.
+Skipped when either is missing, unless MANIFOLD_REQUIRE_BROWSER=1 (set by
+.ci/webui.sh), which makes that a failure. MANIFOLD_SCREENSHOT=path saves the
+finished tab there (docs/screenshot-tab.png is made this way).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge_core.engine import merge
+from merge_core.io.sources import open_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+REQUIRED = bool(os.environ.get("MANIFOLD_REQUIRE_BROWSER"))
+if not REQUIRED:
+    pytest.importorskip("playwright")
+    pytest.importorskip("gradio")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}", allow_module_level=True)
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+DEMO = ["demo_model_1.safetensors", "demo_model_2.safetensors", "demo_model_3.safetensors"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app") / "models"
+    port = _free_port()
+    log = open(folder.parent / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "merge_core", "app", "--models", str(folder), "--demo",
+                             "--port", str(port), "--device", "cpu"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the app did not start:\n{(folder.parent / 'app.log').read_text()}")
+            time.sleep(0.5)
+    yield url, folder
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1500})
+    page.goto(url)
+    page.wait_for_selector("#manifold_merge_models input")
+    return page
+
+
+def _pick(page, names):
+    for name in names:
+        page.click("#manifold_merge_models input")
+        page.click(f'#manifold_merge_models li[aria-label="{name}"]')
+    page.keyboard.press("Escape")
+
+
+def _listing(folder: Path):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def test_karcher_merge_and_save_in_the_browser(app, browser):
+    url, folder = app
+    page = _open(browser, url)
+    _pick(page, DEMO)
+    page.fill("#manifold_merge_weights textarea", "1 1 2")
+    page.fill("#manifold_merge_name textarea", "browser_karcher")
+    expect(page.locator("#manifold_merge_recipe")).to_contain_text("0.5", timeout=30_000)  # weights 1:1:2 -> 0.25 0.25 0.5
+    page.click("#manifold_merge_save")
+    expect(page.locator("#manifold_merge_status")).to_contain_text(
+        "Saved browser_karcher.safetensors", timeout=180_000)
+    out = folder / "browser_karcher.safetensors"
+    assert out.is_file()
+    expected = merge([folder / n for n in DEMO], "karcher", weights=[1, 1, 2]).state_dict
+    with open_model(out) as src:
+        assert set(src.keys()) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(src.load(key), value), key
+    # the new file is offered in the pickers at once
+    page.click("#manifold_merge_models input")
+    expect(page.locator('#manifold_merge_models li[aria-label="browser_karcher.safetensors"]')).to_have_count(1)
+    page.keyboard.press("Escape")
+    shot = os.environ.get("MANIFOLD_SCREENSHOT")
+    if shot:
+        page.screenshot(path=shot, full_page=True)
+    page.close()
+
+
+def test_inspect_shows_the_similarity_heatmap(app, browser):
+    url, folder = app
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Inspect").click()
+    for name in DEMO:
+        page.click("#manifold_merge_inspect_models input")
+        page.click(f'#manifold_merge_inspect_models li[aria-label="{name}"]')
+    page.keyboard.press("Escape")
+    page.click("#manifold_merge_inspect_run")
+    expect(page.locator("#manifold_merge_inspect_status")).to_contain_text("Compared 1130 tensors", timeout=120_000)
+    cells = page.locator("#manifold_merge_heatmap td")
+    expect(cells).to_have_count(9)
+    expect(page.locator("#manifold_merge_inspect_table")).to_contain_text("sd1")
+    shot = os.environ.get("MANIFOLD_SCREENSHOT_INSPECT")
+    if shot:
+        page.screenshot(path=shot, full_page=True)
+    page.close()
+
+
+@pytest.mark.parametrize("name,message", [("../outside", "path separators"),
+                                          ("demo_model_1", "demo_model_1.safetensors already exists")])
+def test_bad_input_shows_the_error_and_writes_nothing(app, browser, name, message):
+    url, folder = app
+    before = _listing(folder.parent)
+    page = _open(browser, url)
+    _pick(page, DEMO[:2])
+    page.fill("#manifold_merge_name textarea", name)
+    page.click("#manifold_merge_save")
+    expect(page.locator("#manifold_merge_status")).to_contain_text(message, timeout=60_000)
+    expect(page.locator("#manifold_merge_status")).to_contain_text("Error:")
+    assert _listing(folder.parent) == before
+    assert (folder / "demo_model_1.safetensors").stat().st_size > 1000  # the input is untouched
+    page.close()

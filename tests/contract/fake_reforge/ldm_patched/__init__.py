@@ -1,0 +1,1 @@
+"""Only its presence matters: it tells reForge apart."""

@@ -1,0 +1,2 @@
+"""Stand-in for the WebUI's `modules` package; `calls` records what the extension did."""
+calls: list = []

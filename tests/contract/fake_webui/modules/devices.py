@@ -1,0 +1,5 @@
+import torch
+
+device = torch.device("cpu")
+cpu = torch.device("cpu")
+dtype = torch.float16

@@ -1,0 +1,1 @@
+models_path = "/nonexistent/models"  # tests point this at a temporary folder

@@ -1,0 +1,350 @@
+"""The A1111 / Forge / reForge extension against a stand-in `modules` package.
+
+Runs under gradio 3.41.2 (A1111 1.10, reForge) and 4.40.0 (Forge) in separate
+venvs (.ci/webui.sh); skipped where gradio is not installed, unless
+MANIFOLD_REQUIRE_GRADIO=1 (set by .ci/webui.sh), which turns the skip into a failure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge_core.demo import small_sd15_state_dicts, write_demo_models
+from merge_core.engine import merge
+from merge_core.io import save_safetensors
+from merge_core.io.sources import open_model
+
+if os.environ.get("MANIFOLD_REQUIRE_GRADIO"):
+    import gradio as gr
+else:
+    gr = pytest.importorskip("gradio")
+
+import webui_harness as H  # noqa: E402  (tests/contract is on sys.path under pytest)
+
+NAMES = ["demo_model_1.safetensors", "demo_model_2.safetensors", "demo_model_3.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    return write_demo_models(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(params=["a1111"])
+def webui(request, tmp_path, demo_models):
+    ui = H.start_webui(tmp_path, demo_models, request.param)
+    yield ui
+    H.stop_webui()
+
+
+def _service(ui):
+    from manifold_webui.hosts import detect_host
+    from manifold_webui.service import MergeService
+    return MergeService(detect_host())
+
+
+def _titles(ui, names=NAMES):
+    return [ui.sd_models.get_closet_checkpoint_match(n).title for n in names]
+
+
+def _assert_same_tensors(actual: dict, expected: dict):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        assert torch.equal(actual[key], value), key
+
+
+def _read(path: Path) -> dict:
+    with open_model(path) as src:
+        return {k: src.load(k).clone() for k in src.keys()}
+
+
+def test_script_registers_tab_and_settings_like_a1111(webui):
+    assert len(webui.callbacks.ui_tabs_callbacks) == 1
+    assert len(webui.callbacks.ui_settings_callbacks) == 1
+    webui.callbacks.ui_settings_callbacks[0]()
+    labels = webui.shared.opts.data_labels
+    assert set(labels) == {"manifold_merge_dtype", "manifold_merge_device", "manifold_merge_threads",
+                           "manifold_merge_keep_in_ram"}
+    assert all(info.section == ("manifold_merge", "Manifold Merge") for info in labels.values())
+    assert webui.shared.opts.manifold_merge_dtype == "auto" and webui.shared.opts.manifold_merge_keep_in_ram is False
+    tabs = webui.callbacks.ui_tabs_callbacks[0]()
+    assert len(tabs) == 1
+    blocks, title, elem_id = tabs[0]
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("Manifold Merge", "manifold_merge")
+
+
+def test_hosts_are_told_apart(tmp_path, demo_models):
+    expected = {"a1111": "WebUIHost", "forge": "ForgeHost", "reforge": "ReForgeHost"}
+    for flavour, cls in expected.items():
+        H.start_webui(tmp_path / flavour, demo_models, flavour)
+        try:
+            from manifold_webui.hosts import detect_host
+            assert type(detect_host()).__name__ == cls
+        finally:
+            H.stop_webui()
+
+
+def test_save_writes_the_core_merge_refreshes_the_list_and_reports_progress(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    service = _service(webui)
+    req = MergeRequest(method="karcher", models=_titles(webui), weights="1 2 1", name="tab_karcher", dtype="fp16")
+    message, title = service.save(req)
+    out = webui.ckpt_dir / "tab_karcher.safetensors"
+    assert "Saved tab_karcher.safetensors" in message and out.is_file()
+    expected = merge(demo_models, "karcher", weights=[1, 2, 1], dtype="fp16").state_dict
+    _assert_same_tensors(_read(out), expected)
+    # the host list was rescanned and the new file is in it under its title
+    assert ("list_models",) in webui.calls and title in webui.sd_models.checkpoints_list
+    # the WebUI's own progress saw every tensor and the job was closed
+    state = webui.shared.state
+    assert ("state.begin", "Manifold Merge: save") in webui.calls and ("state.end", "Manifold Merge: save") in webui.calls
+    assert state.sampling_steps == len(expected) and state.steps_seen[-1] == len(expected)
+    # the recipe is in the metadata
+    with open_model(out) as src:
+        recipe = src.metadata["manifold_merge_recipe"]
+    assert '"method": "karcher"' in recipe and "demo_model_2" in recipe
+
+
+def test_merge_and_load_hands_the_merge_to_load_model_without_writing(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    service = _service(webui)
+    before = sorted(p.name for p in webui.ckpt_dir.iterdir())
+    req = MergeRequest(method="slerp", models=_titles(webui, NAMES[:2]), t=0.3, name="hot")
+    message = service.merge_and_load(req)
+    assert "loaded hot" in message
+    (call,) = [c for c in webui.calls if c[0] == "load_model"]
+    info, state_dict = call[1], call[2]
+    _assert_same_tensors(state_dict, merge(demo_models[:2], "slerp", t=0.3).state_dict)
+    assert info.name == "hot" and info.title.startswith("hot [") and info.filename == str(webui.ckpt_dir / NAMES[0])
+    # the next generation resolves the selected checkpoint to this info, so it does not reload from disk
+    assert webui.sd_models.checkpoint_aliases[webui.shared.opts.sd_model_checkpoint] is info
+    assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before
+
+
+def test_keep_in_ram_lets_save_write_the_loaded_merge(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    webui.callbacks.ui_settings_callbacks[0]()
+    webui.shared.opts.manifold_merge_keep_in_ram = True
+    service = _service(webui)
+    req = MergeRequest(method="ema", models=_titles(webui), alpha=0.3, name="kept")
+    assert "stay in RAM" in service.merge_and_load(req)
+    message, _ = service.save(req)
+    assert "kept in RAM" in message
+    _assert_same_tensors(_read(webui.ckpt_dir / "kept.safetensors"), merge(demo_models, "ema", alpha=0.3).state_dict)
+
+
+def test_settings_reach_the_merge(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    webui.callbacks.ui_settings_callbacks[0]()
+    webui.shared.opts.manifold_merge_dtype = "fp32"
+    service = _service(webui)
+    assert service.host.settings().dtype == "fp32"
+    assert service.device() == "cpu"  # "host" -> modules.devices.device
+    service.save(MergeRequest(method="sma", models=_titles(webui), name="f32", dtype=service.host.settings().dtype))
+    with open_model(webui.ckpt_dir / "f32.safetensors") as src:
+        assert src.spec("model.diffusion_model.out.2.bias").dtype == torch.float32
+
+
+def _nothing_written(ui, before):
+    after = sorted(p.name for p in ui.ckpt_dir.iterdir())
+    assert after == before, "a file was written or left behind"
+    assert not [c for c in ui.calls if c[0] in ("load_model", "forge_loader")], "the running model was touched"
+
+
+# case -> (what the message must say on Save, on Merge and load; None: not an error there)
+BAD_INPUTS = {
+    "architecture": (["xl_model", "SDXL"], ["xl_model", "SDXL"]),
+    "missing": ([NAMES[2], "not found"], [NAMES[2], "not found"]),
+    "taken": (["demo_model_1.safetensors already exists"], None),  # Merge and load writes no file
+    "separator": (["path separators"], ["path separators"]),
+    "weights": (["2 weights for 3 models"], ["2 weights for 3 models"]),
+    "too_few": (["2-100 models, got 1"], ["2-100 models, got 1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_readable_errors_and_write_nothing(webui, case):
+    from manifold_webui.service import MergeRequest, friendly
+    service = _service(webui)
+    titles = _titles(webui)
+    if case == "architecture":
+        save_safetensors(webui.ckpt_dir / "xl_model.safetensors", small_sd15_state_dicts(1, arch="sdxl")[0])
+        webui.sd_models.list_models()
+        titles = titles[:2] + _titles(webui, ["xl_model.safetensors"])
+    if case == "missing":  # listed, then gone before the merge starts
+        (webui.ckpt_dir / NAMES[2]).rename(webui.ckpt_dir / "moved.bin")
+    before = sorted(p.name for p in webui.ckpt_dir.iterdir())
+    req = MergeRequest(method="karcher", models=titles[:1] if case == "too_few" else titles,
+                       name={"taken": "demo_model_1", "separator": "../escape"}.get(case, "bad"),
+                       weights="1 2" if case == "weights" else "")
+    for action, expected in zip((service.save, service.merge_and_load), BAD_INPUTS[case]):
+        if expected is None:
+            continue
+        with pytest.raises(Exception) as info:
+            action(req)
+        text = friendly(info.value)
+        assert text.startswith("Error: ") and all(part in text for part in expected), text
+    _nothing_written(webui, before)
+    assert not (webui.ckpt_dir.parent / "escape.safetensors").exists()
+
+
+def test_cancel_and_interrupt_stop_with_nothing_written(webui):
+    from merge_core.errors import MergeCancelled
+    from manifold_webui.service import MergeRequest
+    service = _service(webui)
+    before = sorted(p.name for p in webui.ckpt_dir.iterdir())
+    seen = []
+
+    def cancel_after_ten(fraction, text):
+        seen.append(fraction)
+        if len(seen) == 10:
+            service.cancel()
+
+    with pytest.raises(MergeCancelled):
+        service.save(MergeRequest(method="karcher", models=_titles(webui), name="cancelled"), cancel_after_ten)
+    assert len(seen) == 10
+    _nothing_written(webui, before)
+    # the WebUI's own Interrupt button (shared.state.interrupted) stops it as well
+    original = webui.shared.State.begin
+
+    def begin_then_interrupt(self, job="(unknown)"):
+        original(self, job)
+        self.interrupted = True
+
+    webui.shared.State.begin = begin_then_interrupt
+    try:
+        with pytest.raises(MergeCancelled):
+            service.merge_and_load(MergeRequest(method="sma", models=_titles(webui), name="x"))
+    finally:
+        webui.shared.State.begin = original
+    _nothing_written(webui, before)
+    assert webui.calls[-1] == ("state.end", "Manifold Merge: merge and load")
+
+
+@pytest.mark.parametrize("webui", ["forge"], indirect=True)
+def test_forge_loads_through_forge_loader_and_keeps_the_model(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    md = webui.sd_models.model_data
+    md.sd_model = object()
+    md.forge_loading_parameters = {"checkpoint_info": "demo_model_1", "additional_modules": []}
+    service = _service(webui)
+    message = service.merge_and_load(MergeRequest(method="sma", models=_titles(webui), name="forged"))
+    assert "Forge" in message
+    (call,) = [c for c in webui.calls if c[0] == "forge_loader"]
+    _assert_same_tensors(call[1], merge(demo_models, "sma").state_dict)
+    assert ("unload_all_models",) in webui.calls
+    assert md.sd_model.sd_checkpoint_info.name == "forged"
+    assert md.forge_hash == str(md.forge_loading_parameters)  # forge_model_reload() will not reload from disk
+    assert ("model_loaded_callback", md.sd_model) in webui.calls
+    message, title = service.save(MergeRequest(method="sma", models=_titles(webui), name="forged_file"))
+    assert "switched to" in service.switch_to(title) and ("checkpoint_change", title) in webui.calls
+
+
+@pytest.mark.parametrize("webui", ["reforge"], indirect=True)
+def test_reforge_loads_through_load_model(webui, demo_models):
+    from manifold_webui.service import MergeRequest
+    service = _service(webui)
+    assert type(service.host).__name__ == "ReForgeHost"
+    service.merge_and_load(MergeRequest(method="wma", models=_titles(webui), name="re"))
+    (call,) = [c for c in webui.calls if c[0] == "load_model"]
+    _assert_same_tensors(call[2], merge(demo_models, "wma").state_dict)
+
+
+def test_hyper_merge_writes_checkpoint_and_loras_into_the_host_folders(webui):
+    service = _service(webui)
+    out = service.hyper(_titles(webui), "4 2", 2, "tabhyper", "fp16")
+    assert (webui.ckpt_dir / "tabhyper_hyper.safetensors").is_file()
+    assert sorted(p.name for p in webui.lora_dir.iterdir()) == ["tabhyper_0-4.safetensors", "tabhyper_1-2.safetensors"]
+    lines = out["multipliers"].splitlines()
+    assert len(lines) == 3 and all("<lora:tabhyper_0-4:" in line for line in lines)
+    assert out["headers"][:3] == ["model", "λ0", "λ1"] and len(out["rows"]) == 3
+    assert [r[0] for r in out["rows"]] == ["demo_model_1", "demo_model_2", "demo_model_3"]
+    assert out["chart"].count("<div style='display:flex") == 3
+
+
+def test_inspect_reports_models_and_their_cosine_similarity(webui, demo_models):
+    service = _service(webui)
+    out = service.inspect(_titles(webui))
+    assert [r[1] for r in out["rows"]] == ["sd1"] * 3
+    sim = out["similarity"]
+    flat = [torch.cat([t.flatten().double() for k, t in _read(p).items() if t.is_floating_point()])
+            for p in demo_models]
+    expected = torch.nn.functional.cosine_similarity(flat[0], flat[1], dim=0)
+    assert sim["cosine"][0][1] == pytest.approx(float(expected), abs=1e-9)
+    assert f"{sim['cosine'][0][1]:.6f}" in out["heatmap"]
+
+
+def _render_like_a1111(tabs):
+    """modules/ui.py: every extension tab is rendered into one Blocks inside a TabItem."""
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Tabs():
+            for interface, label, ifid in tabs:
+                with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
+                    interface.render()
+    return demo
+
+
+def test_tab_events_over_http_with_gradio_client(webui, demo_models):
+    """The real gradio server and client: Save, an error, and Inspect through the tab's events."""
+    from gradio_client import Client
+    demo = _render_like_a1111(webui.callbacks.ui_tabs_callbacks[0]())
+    demo.queue()
+    port = H.free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        args = ["wma", _titles(webui), "3 2 1", 0.5, 0.5, 0.5, 10, 1e-5, "(none)", "over_http", "auto", "host"]
+        result = client.predict(*args, api_name="/manifold_merge_save")
+        assert result[0].startswith("Saved over_http.safetensors"), result[0]
+        _assert_same_tensors(_read(webui.ckpt_dir / "over_http.safetensors"),
+                             merge(demo_models, "wma", weights=[3, 2, 1]).state_dict)
+        result = client.predict(*args, api_name="/manifold_merge_save")
+        assert "already exists" in result[0]
+        result = client.predict(_titles(webui, NAMES[:2]), api_name="/manifold_merge_inspect")
+        assert result[0].startswith("Compared 1130 tensors")
+    finally:
+        demo.close()
+
+
+def test_install_py_installs_only_missing_non_torch_requirements(tmp_path):
+    fake = tmp_path / "fake_launch"
+    fake.mkdir()
+    log = tmp_path / "pip.log"
+    (fake / "launch.py").write_text(
+        "import os\n"
+        "def is_installed(name):\n    return name.lower() in ('safetensors', 'numpy')\n"
+        "def run_pip(command, desc=None):\n"
+        f"    open({str(log)!r}, 'a').write(command + '\\n')\n")
+    reqs = tmp_path / "ext"
+    reqs.mkdir()
+    (reqs / "install.py").write_text((H.ROOT / "install.py").read_text())
+    (reqs / "requirements.txt").write_text("torch>=2.0\nsafetensors>=0.4\nnumpy\ntqdm>=4.60  # progress\n"
+                                           "xformers\npyyaml>=6\n")
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    subprocess.run([sys.executable, str(reqs / "install.py")], check=True, env=env)
+    assert log.read_text().splitlines() == ['install "tqdm>=4.60"', 'install "pyyaml>=6"']
+    # ComfyUI-Manager runs it too, without a `launch` module: it must do nothing and succeed
+    log.unlink()
+    done = subprocess.run([sys.executable, str(reqs / "install.py")], env=dict(os.environ, PYTHONPATH=""))
+    assert done.returncode == 0 and not log.exists()
+
+
+def test_standalone_host_refuses_merge_and_load_and_lists_the_folder(tmp_path, demo_models):
+    from manifold_webui.hosts import Host
+    from manifold_webui.service import MergeRequest, MergeService
+    from merge_core.errors import MergeError
+    for p in demo_models:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "Lora" / "not_a_checkpoint.safetensors").write_bytes(b"")
+    service = MergeService(Host(tmp_path))
+    assert service.checkpoints() == NAMES
+    with pytest.raises(MergeError, match="use Save"):
+        service.merge_and_load(MergeRequest(models=NAMES, name="x"))
+    message, title = service.save(MergeRequest(models=NAMES, name="standalone"))
+    assert title == "standalone.safetensors" and title in service.checkpoints()
