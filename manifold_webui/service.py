@@ -113,31 +113,8 @@ class MergeService:
         self._cancel.set()
         return "Cancelling: the job stops after the tensor it is working on; nothing will be written."
 
-    def _job(self, job: str, ui_progress: UIProgress | None):
-        """A context for one job: host progress + UI progress + cancel flag -> an engine progress callback."""
-        service = self
-
-        class _Job:
-            def __enter__(self_inner):
-                if not service._busy.acquire(blocking=False):
-                    raise MergeError("another Manifold Merge job is running; wait for it or cancel it")
-                service._cancel.clear()
-                service.host.begin_job(job, 0)
-                return self_inner
-
-            def __exit__(self_inner, *exc):
-                service.host.end_job()
-                service._busy.release()
-
-            def __call__(self_inner, done: int, total: int, text: str):
-                service.host.job_step(done, total, text)
-                if ui_progress is not None:
-                    ui_progress(done / total if total else 0.0, f"{job}: {text}")
-                if service._cancel.is_set() or service.host.interrupted():
-                    return False
-                return None
-
-        return _Job()
+    def _job(self, title: str, ui_progress: UIProgress | None) -> "_Job":
+        return _Job(self, title, ui_progress)
 
     def _paths(self, names: list[str]) -> list[Path]:
         return [self.host.checkpoint_path(n) for n in names]
@@ -282,6 +259,33 @@ class MergeService:
             out["similarity"] = sim
             out["heatmap"] = charts.heatmap(sim["names"], sim["cosine"])
         return out
+
+
+class _Job:
+    """One running job, used as the engine's progress callback: it drives the host's progress
+    (shared.state) and the UI's bar, and answers Cancel and the host's Interrupt by returning False."""
+
+    def __init__(self, service: MergeService, title: str, ui_progress: UIProgress | None):
+        self.service, self.title, self.ui_progress = service, title, ui_progress
+
+    def __enter__(self) -> "_Job":
+        if not self.service._busy.acquire(blocking=False):
+            raise MergeError("another Manifold Merge job is running; wait for it or cancel it")
+        self.service._cancel.clear()
+        self.service.host.begin_job(self.title, 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.service.host.end_job()
+        self.service._busy.release()
+
+    def __call__(self, done: int, total: int, text: str) -> bool | None:
+        self.service.host.job_step(done, total, text)
+        if self.ui_progress is not None:
+            self.ui_progress(done / total if total else 0.0, f"{self.title}: {text}")
+        if self.service._cancel.is_set() or self.service.host.interrupted():
+            return False
+        return None
 
 
 def friendly(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -348,3 +349,26 @@ def test_standalone_host_refuses_merge_and_load_and_lists_the_folder(tmp_path, d
         service.merge_and_load(MergeRequest(models=NAMES, name="x"))
     message, title = service.save(MergeRequest(models=NAMES, name="standalone"))
     assert title == "standalone.safetensors" and title in service.checkpoints()
+
+
+def test_cancel_reaches_a_running_job_over_http(webui):
+    """Cancel is a queue-free event, so it gets through while the (queued) job runs."""
+    from gradio_client import Client
+    demo = _render_like_a1111(webui.callbacks.ui_tabs_callbacks[0]())
+    demo.queue()
+    port = H.free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit(_titles(webui), "16 16 16 16", 20, "slow", "fp16", api_name="/manifold_merge_hyper")
+        deadline = time.time() + 60
+        while not any(c[0] == "state.begin" for c in webui.calls) and time.time() < deadline:
+            time.sleep(0.05)
+        client.predict(api_name="/manifold_merge_hyper_cancel")
+        message = job.result(timeout=120)[0]
+        assert message.startswith("Cancelled"), message
+        assert webui.calls[-1] == ("state.end", "Manifold Merge: hyper-merge")
+        assert list(webui.lora_dir.iterdir()) == []
+        assert not list(webui.ckpt_dir.glob("slow*")) and not list(webui.ckpt_dir.glob(".slow*"))
+    finally:
+        demo.close()
