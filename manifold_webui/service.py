@@ -15,6 +15,7 @@ from typing import Callable
 
 from merge_core.compute import BASE_METHODS, MethodConfig
 from merge_core.errors import MergeCancelled, MergeError
+from merge_core.inputs import parse_numbers, plain_name
 
 from . import charts
 from .hosts import Host
@@ -31,28 +32,6 @@ METHOD_LABELS = {
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NONE = "(none)"
 UIProgress = Callable[[float, str], None]
-
-
-def plain_name(text: str, what: str = "output name") -> str:
-    """A file name typed by the user, without extension; paths and hidden names are refused."""
-    name = (text or "").strip()
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not name:
-        raise MergeError(f"{what}: give a name for the new file")
-    if any(c in name for c in "/\\:*?\"<>|") or name.startswith(".") or ".." in name:
-        raise MergeError(f"{what} {text!r}: use a plain file name, without folders or path separators")
-    return name
-
-
-def parse_numbers(text: str, what: str, cast=float) -> list | None:
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return [cast(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise MergeError(f"{what}: expected numbers separated by spaces or commas, got {text!r}") from None
 
 
 @dataclass
@@ -146,7 +125,7 @@ class MergeService:
         return json.dumps(preview, indent=2)
 
     def _output_path(self, req: MergeRequest) -> Path:
-        name = plain_name(req.name)
+        name = plain_name(req.name, "output name")
         folder = self.host.checkpoint_dir()
         if not folder.is_dir():
             raise MergeError(f"{folder}: checkpoint folder does not exist")

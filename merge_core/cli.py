@@ -11,13 +11,14 @@ from pathlib import Path
 from . import __version__
 from .compute import METHODS
 from .errors import MergeError
+from .inputs import parse_numbers
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        return parse_numbers(text, "numbers") or []
+    except MergeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_merge_parser(sub) -> None:

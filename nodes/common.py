@@ -1,10 +1,8 @@
 """Node plumbing shared by every node: optional inputs, weights, and running merge_core."""
 from __future__ import annotations
 
-import os
-
 from ..merge_core.engine import merge
-from ..merge_core.errors import MergeError
+from ..merge_core.inputs import parse_numbers, plain_name  # noqa: F401  (parse_numbers: used by the nodes)
 
 CATEGORY = "Manifold Merge"
 MAX_INPUTS = 8
@@ -30,16 +28,6 @@ def collect(kwargs: dict, kind: str, with_weight: bool = False):
     return items, (weights if with_weight else None)
 
 
-def parse_floats(text: str, what: str) -> list[float] | None:
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise MergeError(f"{what}: expected numbers separated by commas, got {text!r}") from None
-
-
 NONE = "(none)"
 
 
@@ -61,9 +49,7 @@ def checkpoint_paths(kwargs: dict) -> list[str]:
 
 def plain_file_name(value: str, what: str) -> str:
     """A .safetensors file name typed into a node; a path (or hidden name) is refused."""
-    if os.sep in value or "/" in value or value.startswith("."):
-        raise MergeError(f"{what} {value!r}: give a file name, not a path")
-    return value if value.endswith(".safetensors") else value + ".safetensors"
+    return plain_name(value, what) + ".safetensors"
 
 
 def merge_state_dicts(state_dicts, method: str, names, **kw) -> dict:

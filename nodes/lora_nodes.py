@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..merge_core.errors import MergeError
-from .common import CATEGORY, checkpoint_inputs, checkpoint_paths, parse_floats, plain_file_name
+from .common import CATEGORY, checkpoint_inputs, checkpoint_paths, parse_numbers, plain_file_name
 
 
 def _loras_dir() -> str:
@@ -51,7 +51,7 @@ class ManifoldMergeHyperMerge:
         from ..merge_core.hyper.pipeline import HyperConfig, format_report, run_hyper
         from . import bridge
         paths = checkpoint_paths(kw)
-        rank_list = [int(r) for r in (parse_floats(ranks, "ranks") or [])]
+        rank_list = [int(r) for r in (parse_numbers(ranks, "ranks") or [])]
         ckpt_dir = os.path.dirname(paths[0])  # the hyper checkpoint goes beside the first input
         lora_dir = _loras_dir()
         for target in [Path(ckpt_dir) / f"{name}_hyper.safetensors"] + [
@@ -98,7 +98,7 @@ class ManifoldMergeHyperLoraLoader:
                                                    return_metadata=True)
             lora_sds.append(sd)
             metas.append(meta or {})
-        strengths = parse_floats(manual_strengths, "manual_strengths")
+        strengths = parse_numbers(manual_strengths, "manual_strengths")
         if strengths is None:
             if not source_model.strip():
                 raise MergeError("give source_model (a model of the hyper set) or manual_strengths")

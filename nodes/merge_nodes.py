@@ -5,7 +5,7 @@ import os
 
 from ..merge_core.compute import METHODS
 from .common import (CATEGORY, NONE, checkpoint_inputs, checkpoint_paths, collect, merge_state_dicts,
-                     optional_inputs, parse_floats, plain_file_name)
+                     optional_inputs, parse_numbers, plain_file_name)
 
 UNET_PREFIX = "diffusion_model."
 
@@ -107,7 +107,7 @@ def _moving_average_class(kind: str):
 
         def run(self, method, alpha, weights, **kwargs):
             objs, _ = collect(kwargs, low)
-            return _run(objs, kind, method, alpha=alpha, weights=parse_floats(weights, "weights"))
+            return _run(objs, kind, method, alpha=alpha, weights=parse_numbers(weights, "weights"))
 
     return _named(MovingAverage, "MovingAverage", kind)
 
@@ -149,7 +149,7 @@ class ManifoldMergeCheckpoints:
         output = None
         if save_as.strip():  # beside the first input checkpoint
             output = os.path.join(os.path.dirname(paths[0]), plain_file_name(save_as, "save_as"))
-        result = merge(paths, method, output=output, weights=parse_floats(weights, "weights"), t=t, alpha=alpha,
+        result = merge(paths, method, output=output, weights=parse_numbers(weights, "weights"), t=t, alpha=alpha,
                        multiplier=multiplier, device=bridge.torch_device(), progress=bridge.progress_callback())
         if output is not None:
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(

@@ -21,6 +21,7 @@ import torch
 from .. import methods
 from ..engine import merge, resolve_device
 from ..errors import MergeCancelled, MergeError, OutputExists
+from ..inputs import plain_name
 from ..io.sources import ModelSource, open_model
 from ..lora.format import balanced_factors, factors_to_lora_tensors, save_lora, strength_tag
 from ..lora.keys import LoraModule, layer_deltas, lora_modules
@@ -74,8 +75,7 @@ def output_names(name: str, ranks: Sequence[int]) -> dict[str, str]:
 
 
 def check_name(name: str) -> None:
-    if not name or any(c in name for c in "/\\:*?\"<>|") or name.startswith("."):
-        raise MergeError(f"invalid name {name!r}: use letters, digits, '-' and '_' (no path separators)")
+    plain_name(name, "name")
 
 
 class _Ticker:

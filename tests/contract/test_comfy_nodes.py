@@ -64,11 +64,15 @@ def test_collect_and_parse_helpers(nodes):
     items, weights = common.collect({"model1": "a", "model3": "c", "weight1": 2.0, "weight3": 0.5}, "model",
                                     with_weight=True)
     assert items == ["a", "c"] and weights == [2.0, 0.5]
-    assert common.parse_floats("0.5, 0.3 ,0.2", "w") == [0.5, 0.3, 0.2]
-    assert common.parse_floats("  ", "w") is None
+    assert common.parse_numbers("0.5, 0.3 ,0.2", "w") == [0.5, 0.3, 0.2]
+    assert common.parse_numbers("  ", "w") is None
     MergeError = importlib.import_module("mm_pack_nodes.merge_core.errors").MergeError  # the pack's own copy
     with pytest.raises(MergeError, match="w: expected numbers"):
-        common.parse_floats("1,x", "w")
+        common.parse_numbers("1,x", "w")
+    assert common.plain_file_name("merged", "save_as") == "merged.safetensors"
+    for bad in ("sub/merged", "..\\merged", ".hidden", ""):
+        with pytest.raises(MergeError, match="save_as"):
+            common.plain_file_name(bad, "save_as")
 
 
 BUILTIN = {"CheckpointLoaderSimple", "CheckpointSave", "ModelSave", "CLIPSave"}

@@ -6,6 +6,7 @@ MANIFOLD_REQUIRE_GRADIO=1 (set by .ci/webui.sh), which turns the skip into a fai
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -290,15 +291,23 @@ def _render_like_a1111(tabs):
     return demo
 
 
-def test_tab_events_over_http_with_gradio_client(webui, demo_models):
-    """The real gradio server and client: Save, an error, and Inspect through the tab's events."""
+@contextlib.contextmanager
+def _served(webui):
+    """The tab rendered like A1111 does, served on 127.0.0.1 with the queue on; yields a gradio_client."""
     from gradio_client import Client
     demo = _render_like_a1111(webui.callbacks.ui_tabs_callbacks[0]())
     demo.queue()
     port = H.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        demo.close()
+
+
+def test_tab_events_over_http_with_gradio_client(webui, demo_models):
+    """The real gradio server and client: Save, an error, and Inspect through the tab's events."""
+    with _served(webui) as client:
         args = ["wma", _titles(webui), "3 2 1", 0.5, 0.5, 0.5, 10, 1e-5, "(none)", "over_http", "auto", "host"]
         result = client.predict(*args, api_name="/manifold_merge_save")
         assert result[0].startswith("Saved over_http.safetensors"), result[0]
@@ -308,8 +317,6 @@ def test_tab_events_over_http_with_gradio_client(webui, demo_models):
         assert "already exists" in result[0]
         result = client.predict(_titles(webui, NAMES[:2]), api_name="/manifold_merge_inspect")
         assert result[0].startswith("Compared 1130 tensors")
-    finally:
-        demo.close()
 
 
 def test_install_py_installs_only_missing_non_torch_requirements(tmp_path):
@@ -353,13 +360,7 @@ def test_standalone_host_refuses_merge_and_load_and_lists_the_folder(tmp_path, d
 
 def test_cancel_reaches_a_running_job_over_http(webui):
     """Cancel is a queue-free event, so it gets through while the (queued) job runs."""
-    from gradio_client import Client
-    demo = _render_like_a1111(webui.callbacks.ui_tabs_callbacks[0]())
-    demo.queue()
-    port = H.free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with _served(webui) as client:
         job = client.submit(_titles(webui), "16 16 16 16", 20, "slow", "fp16", api_name="/manifold_merge_hyper")
         deadline = time.time() + 60
         while not any(c[0] == "state.begin" for c in webui.calls) and time.time() < deadline:
@@ -370,5 +371,3 @@ def test_cancel_reaches_a_running_job_over_http(webui):
         assert webui.calls[-1] == ("state.end", "Manifold Merge: hyper-merge")
         assert list(webui.lora_dir.iterdir()) == []
         assert not list(webui.ckpt_dir.glob("slow*")) and not list(webui.ckpt_dir.glob(".slow*"))
-    finally:
-        demo.close()

@@ -185,7 +185,7 @@ def test_bad_input_is_a_clear_node_error_and_writes_nothing(comfy):
              "S": {"class_type": "ModelSave", "inputs": {"model": ["M", 0], "filename_prefix": "e2e/never"}}}
     hist = _run(url, base, graph, expect="error")
     messages = json.dumps(hist["status"].get("messages", []))
-    assert "give a file name, not a path" in messages
+    assert "path separators" in messages
     assert sorted(p.name for p in (base / "checkpoints").iterdir()) == before
     assert not (base / "escape.safetensors").exists()
 

@@ -3,8 +3,9 @@ import pytest
 
 from manifold_webui.charts import bar_chart, heatmap
 from manifold_webui.hosts import Host
-from manifold_webui.service import MergeRequest, MergeService, friendly, parse_numbers, plain_name
+from manifold_webui.service import MergeRequest, MergeService, friendly
 from merge_core.errors import MergeCancelled, MergeError
+from merge_core.inputs import parse_numbers, plain_name
 
 
 @pytest.mark.parametrize("text,name", [("merged", "merged"), (" my-mix_2 ", "my-mix_2"),
