@@ -371,3 +371,43 @@ def test_cancel_reaches_a_running_job_over_http(webui):
         assert webui.calls[-1] == ("state.end", "Manifold Merge: hyper-merge")
         assert list(webui.lora_dir.iterdir()) == []
         assert not list(webui.ckpt_dir.glob("slow*")) and not list(webui.ckpt_dir.glob(".slow*"))
+
+
+A1111_SESSION = r'''
+import importlib.util, sys
+root, fakes, models = sys.argv[1:4]
+sys.path.insert(0, fakes)
+# modules/scripts.py load_scripts: the extension root is on sys.path only while its script loads
+saved = list(sys.path)
+sys.path.insert(0, root)
+spec = importlib.util.spec_from_file_location("manifold_merge.py", root + "/scripts/manifold_merge.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+sys.path[:] = saved
+assert root not in sys.path
+from modules import paths, script_callbacks, sd_models
+paths.models_path = models
+sd_models.model_path = models + "/Stable-diffusion"
+sd_models.list_models()
+script_callbacks.ui_settings_callbacks[0]()
+(blocks, title, elem_id), = script_callbacks.ui_tabs_callbacks[0]()
+service = sys.modules["manifold_webui.service"]
+svc = service.MergeService(sys.modules["manifold_webui.hosts"].detect_host())
+names = [sd_models.get_closet_checkpoint_match(n).title for n in ("demo_model_1", "demo_model_2")]
+print(svc.save(service.MergeRequest(method="slerp", models=names, name="late_imports"))[0])
+print(svc.inspect(names)["rows"][0][1])
+print(svc.hyper(names, "2", 1, "late", "fp16")["message"])
+'''
+
+
+def test_everything_imports_after_the_extension_root_left_sys_path(webui):
+    """A1111 removes the extension root from sys.path once the script is loaded; every later import
+    (when the tab is built, on every click) must still work. Run in a clean interpreter (-I), where
+    nothing else puts the repository on sys.path."""
+    done = subprocess.run([sys.executable, "-I", "-c", A1111_SESSION, str(H.ROOT), str(H.CONTRACT / "fake_webui"),
+                           str(webui.ckpt_dir.parent)], cwd=webui.ckpt_dir.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Saved late_imports.safetensors") and lines[1] == "sd1"
+    assert lines[2].startswith("Wrote late_hyper.safetensors")
+    assert (webui.ckpt_dir / "late_imports.safetensors").is_file() and (webui.lora_dir / "late_0-2.safetensors").is_file()
