@@ -31,6 +31,7 @@ METHOD_LABELS = {
 }
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NONE = "(none)"
+INSPECT_COLUMNS = ("model", "architecture", "dtypes", "MiB", "M params", "hash")
 UIProgress = Callable[[float, str], None]
 
 
@@ -229,7 +230,7 @@ class MergeService:
         rows = [[p.stem, i["architecture"], ", ".join(f"{k} x{v}" for k, v in i["dtypes"].items()),
                  round(i["file_size"] / 2 ** 20, 1), round(i["parameters"] / 1e6, 2), i["short_hash"]]
                 for p, i in zip(paths, infos)]
-        out = {"headers": ["model", "architecture", "dtypes", "MiB", "M params", "hash"], "rows": rows,
+        out = {"headers": list(INSPECT_COLUMNS), "rows": rows,
                "metadata": json.dumps({p.stem: i["metadata"] for p, i in zip(paths, infos)}, indent=2),
                "heatmap": "", "similarity": None}
         if len(paths) >= 2:

@@ -12,7 +12,7 @@ import gradio as gr
 
 from merge_core.errors import MergeError
 
-from .service import DTYPES, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly
+from .service import DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly
 
 DEVICES = ("host", "auto", "cpu", "cuda")
 METHOD_HELP = """**karcher**: Riemannian mean of 2-100 models (weights optional) ·
@@ -123,7 +123,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 hyper_status = gr.Markdown("", elem_id="manifold_merge_hyper_status")
                 multipliers = gr.Textbox(label="Prompt tags per model (copy into your prompt)", lines=4,
                                          show_copy_button=True, elem_id="manifold_merge_hyper_tags")
-                hyper_table = gr.Dataframe(label="Report", interactive=False, elem_id="manifold_merge_hyper_table")
+                hyper_table = gr.Dataframe(headers=["model", "λ per LoRA", "error (LoRA layers)", "error (all)"],
+                                           label="Report", interactive=False, elem_id="manifold_merge_hyper_table")
                 hyper_chart = gr.HTML("", elem_id="manifold_merge_hyper_chart")
 
             # ---------------------------------------------------------------- Inspect
@@ -132,7 +133,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
                                              elem_id="manifold_merge_inspect_models")
                 inspect_run = gr.Button("Inspect and compare", variant="primary", elem_id="manifold_merge_inspect_run")
                 inspect_status = gr.Markdown("", elem_id="manifold_merge_inspect_status")
-                inspect_table = gr.Dataframe(label="Models", interactive=False, elem_id="manifold_merge_inspect_table")
+                inspect_table = gr.Dataframe(headers=list(INSPECT_COLUMNS), label="Models", interactive=False,
+                                              elem_id="manifold_merge_inspect_table")
                 heatmap = gr.HTML("", elem_id="manifold_merge_heatmap")
                 with gr.Accordion("Metadata", open=False):
                     metadata = gr.Code(language="json", label="Metadata", elem_id="manifold_merge_metadata")

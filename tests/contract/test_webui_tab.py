@@ -317,6 +317,9 @@ def test_tab_events_over_http_with_gradio_client(webui, demo_models):
         assert "already exists" in result[0]
         result = client.predict(_titles(webui, NAMES[:2]), api_name="/manifold_merge_inspect")
         assert result[0].startswith("Compared 1130 tensors")
+        result = client.predict(_titles(webui), "4 2", 1, "http_hyper", "fp16", api_name="/manifold_merge_hyper")
+        assert result[0].startswith("Wrote http_hyper_hyper.safetensors"), result[0]
+        assert result[1].count("<lora:http_hyper_1-2:") == 3
 
 
 def test_install_py_installs_only_missing_non_torch_requirements(tmp_path):
