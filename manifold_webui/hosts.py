@@ -187,10 +187,21 @@ class WebUIHost(Host):
         return bool(getattr(shared.state, "interrupted", False))
 
     def _merged_info(self, template_name: str, title: str, state_dict: dict):
-        """A copy of the first input's CheckpointInfo under the merge's name: the host finds its
-        config (yaml) through the template's file, and the fake sha256 keeps it from hashing that file."""
+        """A copy of the first input's CheckpointInfo under the merge's name: the host finds the
+        model's config (yaml) through the template's file. Its hash is made up, and it never
+        hashes or registers itself: A1111's calculate_shorthash() would hash the template's file
+        and add the merge to the checkpoint list, pointing at that file."""
         template = self._info(template_name)
-        info = copy.copy(template)
+
+        class MergedCheckpointInfo(type(template)):
+            def calculate_shorthash(self):
+                return self.shorthash
+
+            def register(self):
+                pass
+
+        info = MergedCheckpointInfo.__new__(MergedCheckpointInfo)
+        info.__dict__.update(copy.copy(template.__dict__))
         digest = hashlib.sha256(f"manifold-merge:{title}:{len(state_dict)}".encode()).hexdigest()
         info.name = info.name_for_extra = info.model_name = title
         info.title = f"{title} [{digest[:10]}]"

@@ -123,6 +123,8 @@ def test_merge_and_load_hands_the_merge_to_load_model_without_writing(webui, dem
     info, state_dict = call[1], call[2]
     _assert_same_tensors(state_dict, merge(demo_models[:2], "slerp", t=0.3).state_dict)
     assert info.name == "hot" and info.title.startswith("hot [") and info.filename == str(webui.ckpt_dir / NAMES[0])
+    # the host's calculate_shorthash() neither hashed the template's file nor listed the merge as a file
+    assert info.shorthash == info.title[5:15] and info.title not in webui.sd_models.checkpoints_list
     # the next generation resolves the selected checkpoint to this info, so it does not reload from disk
     assert webui.sd_models.checkpoint_aliases[webui.shared.opts.sd_model_checkpoint] is info
     assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before

@@ -25,7 +25,16 @@ class CheckpointInfo:
         self.ids = [self.name, self.model_name, self.title]
 
     def calculate_shorthash(self):
+        # as A1111 1.10: hash the file (here: its path) and register under the new ids
+        self.sha256 = hashlib.sha256(self.filename.encode()).hexdigest()
+        self.shorthash = self.sha256[:10]
+        self.register()
         return self.shorthash
+
+    def register(self):
+        checkpoints_list[self.title] = self
+        for i in self.ids:
+            checkpoint_aliases[i] = self
 
 
 class ModelData:
@@ -68,6 +77,7 @@ def get_closet_checkpoint_match(search_string):
 
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
     calls.append(("load_model", checkpoint_info, already_loaded_state_dict))
+    checkpoint_info.calculate_shorthash()  # load_model_weights does this
     model_data.sd_model = SimpleNamespace(sd_checkpoint_info=checkpoint_info, state_dict=already_loaded_state_dict)
     return model_data.sd_model
 
