@@ -103,7 +103,7 @@ class Host:
         return False
 
     # the running model
-    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
+    def hot_load(self, state_dict: dict, title: str, template_name: str, recipe: str) -> str:
         raise MergeError(f"{self.name}: there is no running model to load into; use Save instead")
 
     def switch_to(self, title: str) -> str:
@@ -186,11 +186,16 @@ class WebUIHost(Host):
         from modules import shared
         return bool(getattr(shared.state, "interrupted", False))
 
-    def _merged_info(self, template_name: str, title: str, state_dict: dict):
-        """A copy of the first input's CheckpointInfo under the merge's name: the host finds the
-        model's config (yaml) through the template's file. Its hash is made up, and it never
-        hashes or registers itself: A1111's calculate_shorthash() would hash the template's file
-        and add the merge to the checkpoint list, pointing at that file."""
+    def _merged_info(self, template_name: str, title: str, recipe: str):
+        """A CheckpointInfo for a merge that exists only in memory, copied from the first input's.
+
+        - Its hash is the recipe's, and it never hashes or registers itself: A1111's
+          calculate_shorthash() would hash a file and add the merge to the checkpoint list.
+        - Its filename is made up (beside the first input, never created): the hosts skip a load
+          when the loaded model has the same filename (reForge's load_model, everyone's
+          reload_model_weights), so it must differ from the input's and from other recipes'.
+          Without a .yaml beside it the host reads the model's config off the state dict.
+        """
         template = self._info(template_name)
 
         class MergedCheckpointInfo(type(template)):
@@ -202,21 +207,42 @@ class WebUIHost(Host):
 
         info = MergedCheckpointInfo.__new__(MergedCheckpointInfo)
         info.__dict__.update(copy.copy(template.__dict__))
-        digest = hashlib.sha256(f"manifold-merge:{title}:{len(state_dict)}".encode()).hexdigest()
+        digest = hashlib.sha256(recipe.encode()).hexdigest()
+        info.filename = str(Path(template.filename).with_name(f"{title}.{digest[:10]}.in-memory-merge"))
         info.name = info.name_for_extra = info.model_name = title
         info.title = f"{title} [{digest[:10]}]"
         info.hash, info.sha256, info.shorthash = digest[:8], digest, digest[:10]
         info.ids = [title, info.title]
         return info
 
-    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
-        from modules import sd_models, shared
-        info = self._merged_info(template_name, title, state_dict)
+    def _load(self, info, state_dict: dict) -> None:
+        from modules import sd_models
         sd_models.load_model(info, already_loaded_state_dict=state_dict)
-        # The next generation resolves opts.sd_model_checkpoint through the aliases; without this
-        # entry it would fall back to another checkpoint and reload it from disk.
+
+    def _select(self, info) -> None:
+        """Make the loaded merge the selected checkpoint. The next generation resolves
+        opts.sd_model_checkpoint through the aliases; without this entry it would fall back to
+        another checkpoint and reload it from disk."""
+        from modules import sd_models, shared
         sd_models.checkpoint_aliases[info.title] = info
         shared.opts.data["sd_model_checkpoint"] = info.title
+
+    def _recover(self, previous: str | None) -> None:
+        """After a failed load (the old model may be gone): the next generation loads `previous`."""
+        from modules import shared
+        shared.opts.data["sd_model_checkpoint"] = previous
+
+    def hot_load(self, state_dict: dict, title: str, template_name: str, recipe: str) -> str:
+        from modules import shared
+        info = self._merged_info(template_name, title, recipe)
+        previous = shared.opts.data.get("sd_model_checkpoint")
+        try:
+            self._load(info, state_dict)
+        except Exception as exc:
+            self._recover(previous)
+            raise MergeError(f"{self.name} could not load the merge ({type(exc).__name__}: {exc}); nothing was "
+                             f"written, and the next generation loads {previous} again") from exc
+        self._select(info)
         return f"loaded {title} into the running model ({self.name}); nothing was written to disk"
 
     def switch_to(self, title: str) -> str:
@@ -246,11 +272,10 @@ class ForgeHost(WebUIHost):
 
     name = "Forge"
 
-    def hot_load(self, state_dict: dict, title: str, template_name: str) -> str:
+    def _load(self, info, state_dict: dict) -> None:
         from backend import memory_management
         from backend.loader import forge_loader
         from modules import script_callbacks, sd_models
-        info = self._merged_info(template_name, title, state_dict)
         model_data = sd_models.model_data
         if model_data.sd_model is not None:  # free the old model first, as forge_model_reload does
             model_data.sd_model = None
@@ -262,9 +287,17 @@ class ForgeHost(WebUIHost):
         model.sd_checkpoint_info, model.filename, model.sd_model_hash = info, info.filename, info.shorthash
         model_data.set_sd_model(model)
         script_callbacks.model_loaded_callback(model)
-        # forge_model_reload() reloads from disk only when the loading parameters change.
+        # forge_model_reload() reloads from disk only when the loading parameters change: the merge
+        # stays until the user picks another checkpoint.
         model_data.forge_hash = str(model_data.forge_loading_parameters)
-        return f"loaded {title} into the running model (Forge); it stays until you pick another checkpoint"
+
+    def _select(self, info) -> None:
+        """Nothing to select: Forge's loading parameters still name the checkpoint the user picked,
+        which is what it must load again once they change (never the merge's made-up file)."""
+
+    def _recover(self, previous: str | None) -> None:
+        from modules import sd_models
+        sd_models.model_data.forge_hash = ""  # forge_model_reload() then loads the selected file again
 
     def switch_to(self, title: str) -> str:
         from modules_forge import main_entry

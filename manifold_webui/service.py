@@ -171,7 +171,8 @@ class MergeService:
         with self._job("Manifold Merge: merge and load", ui_progress) as progress:
             result = merge(models, req.method, output=None, base=base, progress=progress,
                            names=[p.stem for p in models], hash_inputs=False, **args)
-            message = self.host.hot_load(result.state_dict, title, req.models[0])
+            message = self.host.hot_load(result.state_dict, title, req.models[0],
+                                         result.metadata["manifold_merge_recipe"])
         if self.host.settings().keep_in_ram:
             self._kept = (self._recipe_key(req), result.state_dict, result.metadata)
             message += "; the weights stay in RAM, so Save writes them without merging again"

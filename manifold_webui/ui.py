@@ -8,6 +8,8 @@ because A1111 shares one API namespace between all extensions.
 """
 from __future__ import annotations
 
+import traceback
+
 import gradio as gr
 
 from merge_core.errors import MergeError
@@ -36,6 +38,13 @@ VISIBLE = {
 def _frame(headers, rows):
     import pandas as pd  # gradio depends on pandas in both versions
     return pd.DataFrame(rows, columns=headers)
+
+
+def _error(exc: Exception) -> str:
+    """The tab's message for a failed action; unexpected errors also go to the console with their traceback."""
+    if not isinstance(exc, (MergeError, OSError)):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    return friendly(exc)
 
 
 def _ui_progress(progress):
@@ -175,8 +184,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
             try:
                 message, title = service.save(request(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev),
                                               _ui_progress(progress))
-            except (MergeError, OSError) as exc:
-                return (friendly(exc), "", gr.update(visible=False)) + tuple(gr.update() for _ in pickers)
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return (_error(exc), "", gr.update(visible=False)) + tuple(gr.update() for _ in pickers)
             return (message, title, gr.update(visible=service.host.can_switch)) + \
                 choice_updates(models=chosen or [], base=b)
 
@@ -186,16 +195,16 @@ def build_tab(service: MergeService) -> gr.Blocks:
             try:
                 return service.merge_and_load(request(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev),
                                               _ui_progress(progress))
-            except (MergeError, OSError) as exc:
-                return friendly(exc)
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return _error(exc)
 
         load.click(on_load, merge_inputs, status, api_name="manifold_merge_load")
 
         def on_switch(title):
             try:
                 return service.switch_to(title)
-            except (MergeError, OSError) as exc:
-                return friendly(exc)
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return _error(exc)
 
         switch.click(on_switch, saved_title, status, api_name="manifold_merge_switch")
         cancel.click(service.cancel, None, status, queue=False, api_name="manifold_merge_cancel")
@@ -205,8 +214,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
             try:
                 out = service.hyper(list(chosen or []), rank_text, int(rounds), n, dt,
                                     ui_progress=_ui_progress(progress))
-            except (MergeError, OSError) as exc:
-                return (friendly(exc), "", gr.update(), "") + tuple(gr.update() for _ in pickers)
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return (_error(exc), "", gr.update(), "") + tuple(gr.update() for _ in pickers)
             return (out["message"], out["multipliers"], _frame(out["headers"], out["rows"]), out["chart"]) + \
                 choice_updates(hyper=chosen or [])
 
@@ -219,8 +228,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
         def on_inspect(chosen, progress=gr.Progress()):
             try:
                 out = service.inspect(list(chosen or []), _ui_progress(progress))
-            except (MergeError, OSError) as exc:
-                return friendly(exc), gr.update(), "", ""
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return _error(exc), gr.update(), "", ""
             sim = out["similarity"]
             note = (f"Compared {sim['keys_compared']} tensors." if sim else "Pick two or more to compare them.")
             return note, _frame(out["headers"], out["rows"]), out["heatmap"], out["metadata"]

@@ -122,12 +122,52 @@ def test_merge_and_load_hands_the_merge_to_load_model_without_writing(webui, dem
     (call,) = [c for c in webui.calls if c[0] == "load_model"]
     info, state_dict = call[1], call[2]
     _assert_same_tensors(state_dict, merge(demo_models[:2], "slerp", t=0.3).state_dict)
-    assert info.name == "hot" and info.title.startswith("hot [") and info.filename == str(webui.ckpt_dir / NAMES[0])
+    assert info.name == "hot" and info.title.startswith("hot [")
+    # a made-up file name beside the first input, never created
+    assert Path(info.filename).parent == webui.ckpt_dir and not Path(info.filename).exists()
     # the host's calculate_shorthash() neither hashed the template's file nor listed the merge as a file
     assert info.shorthash == info.title[5:15] and info.title not in webui.sd_models.checkpoints_list
     # the next generation resolves the selected checkpoint to this info, so it does not reload from disk
     assert webui.sd_models.checkpoint_aliases[webui.shared.opts.sd_model_checkpoint] is info
     assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("webui", ["a1111", "reforge"], indirect=True)
+def test_a_second_merge_and_then_an_input_file_really_load(webui, demo_models):
+    """The hosts skip a load when the loaded model has the same filename (found in a real reForge run:
+    the second merge was silently ignored, and so was picking the first input afterwards)."""
+    from manifold_webui.service import MergeRequest
+    service = _service(webui)
+    service.merge_and_load(MergeRequest(method="sma", models=_titles(webui), name="first"))
+    service.merge_and_load(MergeRequest(method="ema", models=_titles(webui), alpha=0.3, name="second"))
+    loads = [c for c in webui.calls if c[0] == "load_model"]
+    assert [c[1].name for c in loads] == ["first", "second"]
+    _assert_same_tensors(webui.sd_models.model_data.sd_model.state_dict,
+                         merge(demo_models, "ema", alpha=0.3).state_dict)
+    assert not Path(loads[1][1].filename).exists() and loads[0][1].filename != loads[1][1].filename
+    # the user picks the first input again: it is loaded from its file
+    first_input = _titles(webui, NAMES[:1])[0]
+    service.host.switch_to(first_input)
+    assert webui.sd_models.model_data.sd_model.sd_checkpoint_info.title == first_input
+
+
+def test_a_failed_host_load_is_a_message_and_the_next_generation_reloads_the_previous_file(webui, monkeypatch):
+    from manifold_webui.service import MergeRequest, friendly
+    service = _service(webui)
+    webui.shared.opts.data["sd_model_checkpoint"] = previous = _titles(webui, NAMES[:1])[0]
+
+    def broken_load(checkpoint_info=None, already_loaded_state_dict=None):
+        webui.shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title  # hosts set it before loading
+        raise RuntimeError("ERROR: Could not detect model type of: provided state dict")
+
+    monkeypatch.setattr(webui.sd_models, "load_model", broken_load)
+    before = dict(webui.sd_models.checkpoint_aliases)
+    with pytest.raises(Exception) as info:
+        service.merge_and_load(MergeRequest(method="sma", models=_titles(webui), name="broken"))
+    text = friendly(info.value)
+    assert "could not load the merge (RuntimeError: ERROR: Could not detect model type" in text
+    assert webui.shared.opts.data["sd_model_checkpoint"] == previous
+    assert webui.sd_models.checkpoint_aliases == before
 
 
 def test_keep_in_ram_lets_save_write_the_loaded_merge(webui, demo_models):
@@ -244,6 +284,7 @@ def test_forge_loads_through_forge_loader_and_keeps_the_model(webui, demo_models
     assert ("unload_all_models",) in webui.calls
     assert md.sd_model.sd_checkpoint_info.name == "forged"
     assert md.forge_hash == str(md.forge_loading_parameters)  # forge_model_reload() will not reload from disk
+    assert "sd_model_checkpoint" not in webui.shared.opts.data  # Forge's own selection is left alone
     assert ("model_loaded_callback", md.sd_model) in webui.calls
     message, title = service.save(MergeRequest(method="sma", models=_titles(webui), name="forged_file"))
     assert "switched to" in service.switch_to(title) and ("checkpoint_change", title) in webui.calls

@@ -75,12 +75,25 @@ def get_closet_checkpoint_match(search_string):
     return found[0] if found else None
 
 
+def _is_loaded(info):
+    model = model_data.sd_model
+    return model is not None and getattr(model, "sd_checkpoint_info", None) is not None \
+        and model.sd_checkpoint_info.filename == info.filename
+
+
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
+    if _is_loaded(checkpoint_info):  # as reForge: the same file is loaded already -> nothing happens
+        return model_data.sd_model
     calls.append(("load_model", checkpoint_info, already_loaded_state_dict))
     checkpoint_info.calculate_shorthash()  # load_model_weights does this
     model_data.sd_model = SimpleNamespace(sd_checkpoint_info=checkpoint_info, state_dict=already_loaded_state_dict)
+    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     return model_data.sd_model
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    if _is_loaded(info) and not forced_reload:  # as A1111: same file -> keep the model
+        return model_data.sd_model
     calls.append(("reload_model_weights", info))
+    model_data.sd_model = SimpleNamespace(sd_checkpoint_info=info, state_dict=None)
+    return model_data.sd_model
