@@ -199,6 +199,8 @@ class WebUIHost(Host):
         template = self._info(template_name)
 
         class MergedCheckpointInfo(type(template)):
+            in_memory_merge = True
+
             def calculate_shorthash(self):
                 return self.shorthash
 
@@ -213,6 +215,7 @@ class WebUIHost(Host):
         info.title = f"{title} [{digest[:10]}]"
         info.hash, info.sha256, info.shorthash = digest[:8], digest, digest[:10]
         info.ids = [title, info.title]
+        info.template_title = template.title  # the file to go back to if this merge's weights are lost
         return info
 
     def _load(self, info, state_dict: dict) -> None:
@@ -224,24 +227,45 @@ class WebUIHost(Host):
         opts.sd_model_checkpoint through the aliases; without this entry it would fall back to
         another checkpoint and reload it from disk."""
         from modules import sd_models, shared
+        self._forget_merges()
         sd_models.checkpoint_aliases[info.title] = info
         shared.opts.data["sd_model_checkpoint"] = info.title
 
-    def _recover(self, previous: str | None) -> None:
-        """After a failed load (the old model may be gone): the next generation loads `previous`."""
+    def _forget_merges(self) -> None:
+        """Drop the aliases of earlier in-memory merges: their weights are gone once another model
+        is loaded, and their made-up files cannot be loaded again."""
+        from modules import sd_models
+        for key in [k for k, v in sd_models.checkpoint_aliases.items() if getattr(v, "in_memory_merge", False)]:
+            del sd_models.checkpoint_aliases[key]
+
+    def _on_disk(self, selected: str | None, template_name: str) -> str:
+        """The checkpoint to fall back to after a failed load, a real file: the selected one; for an
+        earlier in-memory merge, that merge's first input (the host loaded its kind before); else
+        the failed merge's first input."""
+        from modules import sd_models
+        info = sd_models.get_closet_checkpoint_match(selected) if selected else None
+        if info is not None and getattr(info, "in_memory_merge", False):
+            info = sd_models.get_closet_checkpoint_match(info.template_title)
+        if info is not None and Path(info.filename).is_file():
+            return info.title
+        return self._info(template_name).title
+
+    def _recover(self, fallback: str) -> None:
+        """After a failed load (the old model may be gone): the next generation loads `fallback`."""
         from modules import shared
-        shared.opts.data["sd_model_checkpoint"] = previous
+        self._forget_merges()
+        shared.opts.data["sd_model_checkpoint"] = fallback
 
     def hot_load(self, state_dict: dict, title: str, template_name: str, recipe: str) -> str:
         from modules import shared
         info = self._merged_info(template_name, title, recipe)
-        previous = shared.opts.data.get("sd_model_checkpoint")
+        fallback = self._on_disk(shared.opts.data.get("sd_model_checkpoint"), template_name)
         try:
             self._load(info, state_dict)
         except Exception as exc:
-            self._recover(previous)
+            self._recover(fallback)
             raise MergeError(f"{self.name} could not load the merge ({type(exc).__name__}: {exc}); nothing was "
-                             f"written, and the next generation loads {previous} again") from exc
+                             f"written, and the next generation loads {fallback} from its file") from exc
         self._select(info)
         return f"loaded {title} into the running model ({self.name}); nothing was written to disk"
 
@@ -295,7 +319,7 @@ class ForgeHost(WebUIHost):
         """Nothing to select: Forge's loading parameters still name the checkpoint the user picked,
         which is what it must load again once they change (never the merge's made-up file)."""
 
-    def _recover(self, previous: str | None) -> None:
+    def _recover(self, fallback: str) -> None:
         from modules import sd_models
         sd_models.model_data.forge_hash = ""  # forge_model_reload() then loads the selected file again
 

@@ -47,6 +47,11 @@ def _error(exc: Exception) -> str:
     return friendly(exc)
 
 
+def _without_hash(title: str) -> str:
+    """A1111 titles gain " [hash]" once a file is hashed: a kept selection is matched by name."""
+    return title.split(" [", 1)[0]
+
+
 def _ui_progress(progress):
     return lambda fraction, text: progress(fraction, desc=text)
 
@@ -59,12 +64,16 @@ def build_tab(service: MergeService) -> gr.Blocks:
         """New choices for the four model pickers; the selections given are kept where still there."""
         names = service.checkpoints(refresh=True)
 
+        by_name = {_without_hash(n): n for n in names}
+
         def multi(value):
-            return gr.update(choices=names) if value is None else \
-                gr.update(choices=names, value=[x for x in value if x in names])
+            if value is None:
+                return gr.update(choices=names)
+            kept = [by_name[_without_hash(x)] for x in value if _without_hash(x) in by_name]
+            return gr.update(choices=names, value=kept)
 
         base_update = gr.update(choices=[NONE] + names) if base is None else \
-            gr.update(choices=[NONE] + names, value=base if base in names else NONE)
+            gr.update(choices=[NONE] + names, value=by_name.get(_without_hash(base), NONE))
         return multi(models), base_update, multi(hyper), multi(inspect)
 
     with gr.Blocks(analytics_enabled=False) as tab:

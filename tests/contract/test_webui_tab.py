@@ -170,6 +170,29 @@ def test_a_failed_host_load_is_a_message_and_the_next_generation_reloads_the_pre
     assert webui.sd_models.checkpoint_aliases == before
 
 
+@pytest.mark.parametrize("webui", ["a1111", "reforge"], indirect=True)
+def test_a_failed_load_after_an_in_memory_merge_falls_back_to_a_real_file(webui, monkeypatch):
+    """Found in a real reForge run: restoring the selection to the earlier merge (whose file is
+    made up) made every later generation fail with FileNotFoundError."""
+    from manifold_webui.service import MergeRequest, friendly
+    service = _service(webui)
+    titles = _titles(webui)
+    service.merge_and_load(MergeRequest(method="sma", models=titles[1:], name="earlier"))
+    assert webui.shared.opts.sd_model_checkpoint.startswith("earlier [")
+
+    def broken_load(checkpoint_info=None, already_loaded_state_dict=None):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(webui.sd_models, "load_model", broken_load)
+    with pytest.raises(Exception) as info:
+        service.merge_and_load(MergeRequest(method="sma", models=titles, name="broken"))
+    # the earlier merge's first input, a file of a kind the host loaded before, is what the next generation loads
+    selected = webui.shared.opts.data["sd_model_checkpoint"]
+    assert selected == titles[1] and Path(webui.sd_models.get_closet_checkpoint_match(selected).filename).is_file()
+    assert f"the next generation loads {titles[1]} from its file" in friendly(info.value)
+    assert not any(getattr(v, "in_memory_merge", False) for v in webui.sd_models.checkpoint_aliases.values())
+
+
 def test_keep_in_ram_lets_save_write_the_loaded_merge(webui, demo_models):
     from manifold_webui.service import MergeRequest
     webui.callbacks.ui_settings_callbacks[0]()
@@ -363,6 +386,27 @@ def test_tab_events_over_http_with_gradio_client(webui, demo_models):
         result = client.predict(_titles(webui), "4 2", 1, "http_hyper", "fp16", api_name="/manifold_merge_hyper")
         assert result[0].startswith("Wrote http_hyper_hyper.safetensors"), result[0]
         assert result[1].count("<lora:http_hyper_1-2:") == 3
+
+
+def _event(blocks, api_name):
+    if isinstance(blocks.fns, dict):  # gradio 4
+        (fn,) = [f.fn for f in blocks.fns.values() if f.api_name == api_name]
+    else:  # gradio 3: the api names are in the dependency list, in the same order
+        (fn,) = [f.fn for f, dep in zip(blocks.fns, blocks.dependencies) if dep["api_name"] == api_name]
+    return fn
+
+
+def test_refresh_keeps_selections_when_titles_gain_a_hash(webui):
+    """A1111 shows "name.safetensors" until a file is hashed, then "name.safetensors [hash]"."""
+    blocks = webui.callbacks.ui_tabs_callbacks[0]()[0][0]
+    titles = _titles(webui)
+    bare = [t.split(" [")[0] for t in titles]
+    assert bare != titles
+    models, base, hyper, inspect = _event(blocks, "manifold_merge_refresh")(bare[:2], bare[2], [bare[1]], [])
+    assert models["value"] == titles[:2] and base["value"] == titles[2]
+    assert hyper["value"] == [titles[1]] and inspect["value"] == []
+    models, base, _, _ = _event(blocks, "manifold_merge_refresh")(["gone.safetensors"], "gone.safetensors", [], [])
+    assert models["value"] == [] and base["value"] == "(none)" and "gone.safetensors" not in models["choices"]
 
 
 def test_install_py_installs_only_missing_non_torch_requirements(tmp_path):
