@@ -270,11 +270,15 @@ class WebUIHost(Host):
         return f"loaded {title} into the running model ({self.name}); nothing was written to disk"
 
     def switch_to(self, title: str) -> str:
-        from modules import sd_models, shared
+        from modules import shared
         info = self._info(title)
         shared.opts.data["sd_model_checkpoint"] = info.title
-        sd_models.reload_model_weights(info=info)
+        self._load_file(info)
         return f"switched to {info.title}"
+
+    def _load_file(self, info) -> None:
+        from modules import sd_models
+        sd_models.reload_model_weights(info=info)
 
 
 class ReForgeHost(WebUIHost):
@@ -283,12 +287,9 @@ class ReForgeHost(WebUIHost):
 
     name = "reForge"
 
-    def switch_to(self, title: str) -> str:
-        from modules import sd_models, shared
-        info = self._info(title)
-        shared.opts.data["sd_model_checkpoint"] = info.title
+    def _load_file(self, info) -> None:
+        from modules import sd_models
         sd_models.load_model(info)
-        return f"switched to {info.title}"
 
 
 class ForgeHost(WebUIHost):

@@ -35,6 +35,11 @@ INSPECT_COLUMNS = ("model", "architecture", "dtypes", "MiB", "M params", "hash")
 UIProgress = Callable[[float, str], None]
 
 
+def without_hash(title: str) -> str:
+    """A WebUI title without its " [hash]" (A1111 adds it once a file is hashed)."""
+    return title.split(" [", 1)[0]
+
+
 @dataclass
 class MergeRequest:
     method: str = "karcher"
@@ -99,6 +104,11 @@ class MergeService:
     def _paths(self, names: list[str]) -> list[Path]:
         return [self.host.checkpoint_path(n) for n in names]
 
+    def _inputs(self, req: MergeRequest) -> tuple[list[Path], Path | None]:
+        """The files of the picked models and of the base model (None without one)."""
+        base = req.base_name()
+        return self._paths(req.models), (self.host.checkpoint_path(base) if base else None)
+
     def _engine_args(self, req: MergeRequest) -> dict:
         cfg = req.config()
         if req.base_name() and req.method not in BASE_METHODS:
@@ -117,8 +127,8 @@ class MergeService:
         cfg = req.config()
         preview = {
             "tool": "manifold-merge", "method": req.method, "parameters": cfg.recipe_params(),
-            "inputs": [{"name": Path(n.split(" [")[0]).stem} for n in req.models],
-            "base": {"name": Path(req.base_name().split(" [")[0]).stem} if req.base_name() else None,
+            "inputs": [{"name": Path(without_hash(n)).stem} for n in req.models],
+            "base": {"name": Path(without_hash(req.base_name())).stem} if req.base_name() else None,
             "normalized_weights": [round(c, 6) for c in cfg.reported_weights()] if cfg.reported_weights() else None,
             "output_dtype": req.dtype,
             "output": f"{plain_name(req.name)}.safetensors" if req.name.strip() else None,
@@ -141,7 +151,7 @@ class MergeService:
         from merge_core.io.safetensors_file import save_safetensors
         args = self._engine_args(req)
         output = self._output_path(req)
-        models, base = self._paths(req.models), (self.host.checkpoint_path(req.base_name()) if req.base_name() else None)
+        models, base = self._inputs(req)
         with self._job("Manifold Merge: save", ui_progress) as progress:
             if self._kept is not None and self._kept[0] == self._recipe_key(req):
                 save_safetensors(output, self._kept[1], self._kept[2])  # atomic: temp file + rename
@@ -166,7 +176,7 @@ class MergeService:
             raise MergeError(f"{self.host.name} cannot load a merge into a running model; use Save")
         title = plain_name(req.name) if req.name.strip() else f"manifold-{req.method}"
         args = self._engine_args(req)
-        models, base = self._paths(req.models), (self.host.checkpoint_path(req.base_name()) if req.base_name() else None)
+        models, base = self._inputs(req)
         self._kept = None
         with self._job("Manifold Merge: merge and load", ui_progress) as progress:
             result = merge(models, req.method, output=None, base=base, progress=progress,
@@ -192,9 +202,7 @@ class MergeService:
         ranks = parse_numbers(ranks_text, "ranks", int)
         if not ranks:
             raise MergeError("ranks: give one rank per LoRA, e.g. 64 64 32 32")
-        lora_dir = self.host.lora_dir()
-        if not lora_dir.is_dir():
-            raise MergeError(f"{lora_dir}: LoRA folder does not exist")
+        lora_dir = self.host.lora_dir()  # run_hyper refuses a missing one
         paths = self._paths(models)
         with self._job("Manifold Merge: hyper-merge", ui_progress) as progress:
             result = run_hyper(HyperConfig(models=paths, name=plain_name(name, "name"),

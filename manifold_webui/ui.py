@@ -14,7 +14,8 @@ import gradio as gr
 
 from merge_core.errors import MergeError
 
-from .service import DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly
+from .service import (DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly,
+                      without_hash)
 
 DEVICES = ("host", "auto", "cpu", "cuda")
 METHOD_HELP = """**karcher**: Riemannian mean of 2-100 models (weights optional) ·
@@ -47,11 +48,6 @@ def _error(exc: Exception) -> str:
     return friendly(exc)
 
 
-def _without_hash(title: str) -> str:
-    """A1111 titles gain " [hash]" once a file is hashed: a kept selection is matched by name."""
-    return title.split(" [", 1)[0]
-
-
 def _ui_progress(progress):
     return lambda fraction, text: progress(fraction, desc=text)
 
@@ -61,19 +57,19 @@ def build_tab(service: MergeService) -> gr.Blocks:
     choices = service.checkpoints()
 
     def choice_updates(models=None, base=None, hyper=None, inspect=None):
-        """New choices for the four model pickers; the selections given are kept where still there."""
+        """New choices for the four model pickers; the selections given are kept where still there
+        (matched by name, since a title gains " [hash]" once the WebUI has hashed the file)."""
         names = service.checkpoints(refresh=True)
-
-        by_name = {_without_hash(n): n for n in names}
+        by_name = {without_hash(n): n for n in names}
 
         def multi(value):
             if value is None:
                 return gr.update(choices=names)
-            kept = [by_name[_without_hash(x)] for x in value if _without_hash(x) in by_name]
+            kept = [by_name[without_hash(x)] for x in value if without_hash(x) in by_name]
             return gr.update(choices=names, value=kept)
 
         base_update = gr.update(choices=[NONE] + names) if base is None else \
-            gr.update(choices=[NONE] + names, value=by_name.get(_without_hash(base), NONE))
+            gr.update(choices=[NONE] + names, value=by_name.get(without_hash(base), NONE))
         return multi(models), base_update, multi(hyper), multi(inspect)
 
     with gr.Blocks(analytics_enabled=False) as tab:

@@ -74,10 +74,6 @@ def output_names(name: str, ranks: Sequence[int]) -> dict[str, str]:
     return names
 
 
-def check_name(name: str) -> None:
-    plain_name(name, "name")
-
-
 class _Ticker:
     def __init__(self, progress: Progress | None, total: int):
         self.progress, self.total, self.done = progress, total, 0
@@ -102,7 +98,7 @@ def _validate(sources: Sequence[ModelSource], modules: Sequence[LoraModule]) -> 
 @torch.no_grad()
 def run_hyper(cfg: HyperConfig) -> HyperResult:
     started = time.perf_counter()
-    check_name(cfg.name)
+    plain_name(cfg.name, "name")  # a file name, never a path
     if len(cfg.models) < 2:
         raise MergeError("hyper-merge needs at least 2 models")
     if not cfg.ranks or any(int(r) < 1 for r in cfg.ranks):

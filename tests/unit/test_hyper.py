@@ -171,6 +171,9 @@ def test_loras_can_go_to_their_own_folder(tmp_path):
     paths, _ = build_collection(tmp_path, torch.tensor([[0.9, -0.4]]), ranks=[3])
     ckpt, lora = tmp_path / "Stable-diffusion", tmp_path / "Lora"
     ckpt.mkdir()
+    with pytest.raises(MergeError, match=f"{lora}: LoRA folder does not exist"):
+        run_hyper(HyperConfig(models=paths, name="w", out_dir=ckpt, lora_dir=lora, ranks=[3], iterations=1))
+    assert os.listdir(ckpt) == []
     lora.mkdir()
     (lora / "w_0-3.safetensors").write_bytes(b"mine")
     with pytest.raises(OutputExists, match="w_0-3.safetensors"):
