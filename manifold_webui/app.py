@@ -21,8 +21,11 @@ def build(models_dir, lora_dir=None, settings: Settings | None = None, demo: boo
     """The Blocks for a models folder (created if missing); with demo=True, demo checkpoints are added."""
     from .service import MergeService
     from .ui import build_tab
-    folder = Path(models_dir)
+    # Absolute from here on: the tab's messages name the folder, and a name from a request is only
+    # ever looked up in this folder's own listing (hosts.pick_listed), whatever the working directory.
+    folder = Path(models_dir).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    lora_dir = Path(lora_dir).expanduser().resolve() if lora_dir is not None else None
     host = Host(folder, lora_dir, settings or Settings(device="auto"))
     host.lora_dir().mkdir(parents=True, exist_ok=True)
     if demo:
@@ -33,7 +36,8 @@ def build(models_dir, lora_dir=None, settings: Settings | None = None, demo: boo
 
 def launch(blocks, port: int, block: bool = True):
     blocks.queue()
-    # Only the local machine: merging writes files and reads any checkpoint in the folder.
+    # Only the local machine: merging writes files into the folders. Inputs are confined to the listed
+    # checkpoints (any path in a request is refused), but the app has no login.
     return blocks.launch(server_name="127.0.0.1", server_port=port, inbrowser=False, share=False,
                          prevent_thread_lock=not block, show_error=True)
 

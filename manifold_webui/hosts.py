@@ -23,6 +23,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping, TypeVar
 
 from merge_core.errors import MergeError
 from merge_core.io.sources import CHECKPOINT_SUFFIXES
@@ -37,15 +38,68 @@ class Settings:
 
 
 def _checkpoint_files(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """The checkpoint files under `folder`, hidden files and folders and `exclude` (the LoRA folder) left out.
+    Symlinked sub-folders are followed, as A1111 does (`shared.walk_files`); a folder reached twice
+    (a link back up the tree, or two links to one place) is listed once."""
     if not folder.is_dir():
         return []
-    found = []
-    for root, dirs, files in os.walk(folder):
+    skip = exclude.resolve() if exclude is not None else None
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
         root_path = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and (exclude is None or (root_path / d).resolve() != exclude.resolve()))
+        real = root_path.resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != skip)
         found += [root_path / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix().lower())
+
+
+Entry = TypeVar("Entry")
+
+
+def shown(name) -> str:
+    """A user-supplied name as one line of a message: quoted, control characters escaped, long ones cut."""
+    if not isinstance(name, str):
+        return repr(name)[:80]
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    return f'"{text[:157]}..."' if len(text) > 160 else f'"{text}"'
+
+
+def pick_listed(name, listed: Mapping[str, Entry], folder: Path, file_of: Callable[[Entry], Path | str] = Path,
+                place: str = "models folder") -> Entry:
+    """The one place where a name that came from the tab or its HTTP API becomes a file to read.
+
+    Rule: the name must be one of the names the host itself lists for that folder (the standalone
+    folder scan, or the WebUI's `checkpoints_list`), and the listed entry must still be a file.
+    Everything else is refused before any path is built from it: absolute paths, `..`, names in
+    hidden or LoRA folders, directories, empty names, NUL bytes, non-strings. A gradio endpoint takes
+    any string, so the dropdown's choices protect nothing; the list does.
+
+    Why the list and not "resolved path inside the folder": a symlinked checkpoint or sub-folder
+    inside the models folder is a common setup (models on another drive); the list includes it
+    because the user put it there, while a name from a request can only pick among what is listed,
+    never walk out of the folder. A WebUI title that gained " [hash]" after the list was read, or
+    lost it, is matched by its name without the hash.
+    """
+    entry = None
+    if isinstance(name, str) and name and "\0" not in name:
+        entry = listed.get(name)
+        if entry is None and " [" in name:
+            entry = listed.get(name.split(" [", 1)[0])
+    if entry is None:
+        raise MergeError(f"{shown(name)}: not a checkpoint in the {place} ({folder}); pick one from the list "
+                         f"(Refresh rescans the folder)")
+    path = Path(file_of(entry))
+    try:
+        is_file = path.resolve().is_file()
+    except (OSError, RuntimeError):  # a symlink loop
+        is_file = False
+    if not is_file:
+        raise MergeError(f"{shown(name)}: checkpoint not found in the {place} ({folder}); press Refresh")
+    return entry
 
 
 class Host:
@@ -67,15 +121,20 @@ class Host:
     def lora_dir(self) -> Path:
         return self._lora_dir
 
-    def list_checkpoints(self) -> list[str]:
+    def _listed(self) -> dict[str, Path]:
         folder = self.checkpoint_dir()
-        return [p.relative_to(folder).as_posix() for p in _checkpoint_files(folder, exclude=self.lora_dir())]
+        return {p.relative_to(folder).as_posix(): p for p in _checkpoint_files(folder, exclude=self.lora_dir())}
+
+    def list_checkpoints(self) -> list[str]:
+        return list(self._listed())
+
+    def checkpoint_paths(self, names: list[str]) -> list[Path]:
+        """The files of listed checkpoints (see `pick_listed`: nothing outside the list is ever opened)."""
+        listed = self._listed()
+        return [pick_listed(n, listed, self.checkpoint_dir()) for n in names]
 
     def checkpoint_path(self, name: str) -> Path:
-        path = self.checkpoint_dir() / name
-        if not name or not path.is_file():
-            raise MergeError(f"{name or '(empty)'}: checkpoint not found in {self.checkpoint_dir()}; press refresh")
-        return path
+        return self.checkpoint_paths([name])[0]
 
     def refresh(self) -> None:
         """The standalone list is read from disk every time."""
@@ -132,15 +191,26 @@ class WebUIHost(Host):
         from modules import sd_models
         return list(sd_models.checkpoint_tiles())
 
-    def _info(self, name: str):
+    def _listed(self) -> dict:
+        """The host's checkpoint list by the names the tab may hold: the title (what `checkpoint_tiles()`
+        shows), the short title (A1111's "short names" option) and the name without a hash. Never
+        `get_closet_checkpoint_match`: it matches any substring of a title, and its aliases hold the
+        in-memory merges, whose files are made up."""
         from modules import sd_models
-        info = sd_models.get_closet_checkpoint_match(name) if name else None
-        if info is None or not Path(info.filename).is_file():
-            raise MergeError(f"{name or '(empty)'}: checkpoint not found; press refresh")
-        return info
+        listed: dict = {}
+        for info in sd_models.checkpoints_list.values():
+            for key in (info.title, getattr(info, "short_title", None), getattr(info, "name", None)):
+                if isinstance(key, str) and key:
+                    listed.setdefault(key, info)
+        return listed
 
-    def checkpoint_path(self, name: str) -> Path:
-        return Path(self._info(name).filename)
+    def _info(self, name: str):
+        return pick_listed(name, self._listed(), self.checkpoint_dir(), lambda info: info.filename)
+
+    def checkpoint_paths(self, names: list[str]) -> list[Path]:
+        listed = self._listed()
+        return [Path(pick_listed(n, listed, self.checkpoint_dir(), lambda info: info.filename).filename)
+                for n in names]
 
     def refresh(self) -> None:
         from modules import sd_models

@@ -102,12 +102,15 @@ class MergeService:
         return _Job(self, title, ui_progress)
 
     def _paths(self, names: list[str]) -> list[Path]:
-        return [self.host.checkpoint_path(n) for n in names]
+        """The files of checkpoints picked by name. Every name from the tab or its HTTP API goes through
+        here, and the host only accepts names from its own list (hosts.pick_listed), so nothing outside
+        the models folder is read. A lone string (an API caller's) is one name, never its characters."""
+        return self.host.checkpoint_paths([names] if isinstance(names, str) else list(names))
 
     def _inputs(self, req: MergeRequest) -> tuple[list[Path], Path | None]:
         """The files of the picked models and of the base model (None without one)."""
         base = req.base_name()
-        return self._paths(req.models), (self.host.checkpoint_path(base) if base else None)
+        return self._paths(req.models), (self._paths([base])[0] if base else None)
 
     def _engine_args(self, req: MergeRequest) -> dict:
         cfg = req.config()

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from . import __version__
 from .compute import METHODS
 from .errors import MergeError
 from .inputs import parse_numbers
+from .io.atomic import describe_os_error
 
 
 def _floats(text: str) -> list[float]:
@@ -98,7 +101,8 @@ def cmd_merge(args) -> int:
 
 def format_summary(result) -> str:
     s = result.summary
-    lines = [f"wrote {result.path} ({s['keys']} tensors: {s['merged']} merged, {s['copied']} copied) "
+    lines = [f"note: {line}" for line in s.get("stale_temp_files", [])]
+    lines += [f"wrote {result.path} ({s['keys']} tensors: {s['merged']} merged, {s['copied']} copied) "
              f"in {s['seconds']:.2f} s; architecture {result.architecture}; "
              f"method {result.recipe['method']} {json.dumps(result.recipe['parameters'])}"]
     if s["missing_keys"]:
@@ -198,13 +202,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_first_signal() -> dict:
+    """Ctrl-C (SIGINT), SIGTERM (kill, a service stop) and SIGHUP (terminal closed) all stop a run the
+    same way: the first one raises KeyboardInterrupt, the temporary output is removed on the way out, and
+    every later one is ignored, so a second Ctrl-C can never cut the cleanup short. Returns the handlers
+    to restore."""
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+
+    def ignore(signum, frame):  # a Python no-op, not SIG_IGN: a signal already pending must find a handler
+        pass
+
+    def handler(signum, frame):
+        for name in names:
+            signal.signal(getattr(signal, name), ignore)
+        raise KeyboardInterrupt
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in names:
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    previous = {}
+    interrupted = False
     try:
+        previous = _stop_on_first_signal()
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        interrupted = True
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # the library turns the expected ones into MergeError; this is the safety net
+        print(f"error: {exc.filename or ''}: {describe_os_error(exc)}; nothing was written".replace("error: : ", "error: "),
+              file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in previous.items() if not interrupted else ():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -23,11 +23,12 @@ import torch
 from .compute import BASE_METHODS, PRECISIONS, MethodConfig
 from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
 from .io.hashing import file_sha256
+from .io.atomic import sweep_stale
 from .io.safetensors_file import check_output_path
 from .io.sources import ModelSource, open_model
 from .plan import KeyTask, MergePlan, build_plan
 from .recipe import build_metadata
-from .sinks import Sink
+from .sinks import Sink, check_folder_output
 
 ProgressCallback = Callable[[int, int, str], "bool | None"]
 
@@ -232,34 +233,50 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
     if output_path is not None:
         if output_path.suffix and output_path.suffix.lower() != ".safetensors":
             raise MergeError(f"{output_path}: output must be .safetensors (or a folder name for sharded output)")
-        check_output_path(output_path, overwrite)
+        if output_path.suffix.lower() == ".safetensors":
+            check_output_path(output_path, overwrite)
     threads = threads or default_threads()
 
     sources: list[ModelSource] = []
     base_source = None
+    stale = []
     try:
         for i, model in enumerate(models):
             name = names[i] if names is not None else (None if not isinstance(model, Mapping) else f"model{i + 1}")
             sources.append(open_model(model, name))
         if base is not None:
             base_source = open_model(base, "base" if isinstance(base, Mapping) else None)
+        all_sources = sources + ([base_source] if base_source else [])
+        input_paths = [Path(s.path) for s in all_sources if s.path is not None]
         if output_path is not None:
-            _check_output_not_input(output_path, sources + ([base_source] if base_source else []))
+            _check_output_not_input(output_path, all_sources)
+            if output_path.suffix.lower() != ".safetensors":
+                check_folder_output(output_path, input_paths, overwrite)
         plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
         hashes: dict[str, str | None] = {}
-        hasher = _hash_sources(sources + [base_source], hashes, hash_inputs and output_path is not None)
-        sink = Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes)
-        sink.__enter__()
+        hash_files = hash_inputs and output_path is not None
+        hasher = _hash_sources(sources + [base_source], hashes, hash_files)
+
+        def metadata_with(digests: Mapping[str, str | None]) -> dict[str, str]:
+            return build_metadata(
+                method=method, params=config.recipe_params(), names=[s.name for s in sources],
+                hashes=[digests.get(s.name) for s in sources], coefficients=config.reported_weights(),
+                base_name=base_source.name if base_source else None,
+                base_hash=digests.get(base_source.name) if base_source else None,
+                architecture=plan.architecture, output_dtype=dtype)
+
+        # The header is sized now, with every hash as long as a real one: it can only shrink at commit.
+        placeholder = {s.name: f"{i:064x}" for i, s in enumerate(all_sources)} if hash_files else {}
+        if output_path is not None:
+            stale = sweep_stale(output_path.parent)
+        sink = Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes, inputs=input_paths,
+                    metadata=metadata_with(placeholder))
         try:
+            sink.__enter__()
             _execute(plan, sources, base_source, config, dev, sink, threads, progress)
             if hasher is not None:
                 hasher.join()
-            metadata = build_metadata(
-                method=method, params=config.recipe_params(), names=[s.name for s in sources],
-                hashes=[hashes.get(s.name) for s in sources], coefficients=config.reported_weights(),
-                base_name=base_source.name if base_source else None,
-                base_hash=hashes.get(base_source.name) if base_source else None,
-                architecture=plan.architecture, output_dtype=dtype)
+            metadata = metadata_with(hashes)
             sink.set_metadata(metadata)
             first_folder = Path(sources[0].path) if sources[0].path is not None else None
             if first_folder is not None and first_folder.is_file():
@@ -281,6 +298,7 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         "forced_copies": plan.forced_copies,
         "keys_without_base": plan.no_base,
         "architectures": plan.architectures,
+        "stale_temp_files": [entry.describe() for entry in stale],
         "seconds": round(time.perf_counter() - started, 3),
     }
     return MergeResult(path=output_path, state_dict=sink.state_dict, architecture=plan.architecture,

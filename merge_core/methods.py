@@ -41,6 +41,15 @@ def _flat(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1)
 
 
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+
+
+def _as_math(chunk: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """fp16/bf16 chunks promote inside torch's arithmetic; fp8 does not promote, so it is upcast here."""
+    return chunk.to(compute_dtype) if chunk.dtype in FP8_DTYPES else chunk
+
+
 # ---------------------------------------------------------------- coefficients
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:
@@ -103,14 +112,33 @@ def gram_matrix(tensors: Sequence[Tensor], base: Tensor | None = None,
     return gram.cpu()
 
 
+def saturation_limit(dtype: torch.dtype) -> float | None:
+    """The largest finite value of an fp8 dtype (casting beyond it gives NaN/Inf); None for other dtypes."""
+    return float(torch.finfo(dtype).max) if dtype in FP8_DTYPES else None
+
+
+def cast_saturating(tensor: Tensor, dtype: torch.dtype, saturated: list | None = None) -> Tensor:
+    """`tensor.to(dtype)`, except that values beyond an fp8 dtype's range are clamped to it (and counted)."""
+    limit = saturation_limit(dtype)
+    if limit is None or tensor.dtype == dtype:
+        return tensor.to(dtype)
+    wide = tensor.to(torch.float32)
+    if saturated is not None:
+        saturated.append(int((wide.abs() > limit).sum()))
+    return wide.clamp_(-limit, limit).to(dtype)
+
+
 def linear_combination(tensors: Sequence[Tensor], coeffs: Sequence[float],
                        out_dtype: torch.dtype | None = None,
-                       compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+                       compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None,
+                       saturated: list | None = None) -> Tensor:
     """sum_i coeffs[i] * tensors[i], computed in `compute_dtype`, returned in `out_dtype`.
 
     Works chunk by chunk (one reused accumulator) straight into the output
     tensor (`out` if given, e.g. a view of the output file), so the only
-    full-size allocation is the output itself.
+    full-size allocation is the output itself. For an fp8 output, values beyond
+    its range are clamped to it (never turned into NaN/Inf) and their count is
+    appended to `saturated`.
     """
     if len(tensors) != len(coeffs):
         raise ValueError(f"{len(tensors)} tensors but {len(coeffs)} coefficients")
@@ -122,14 +150,21 @@ def linear_combination(tensors: Sequence[Tensor], coeffs: Sequence[float],
     numel = flat_out.numel()
     step = min(_chunk_size(first), max(numel, 1))
     accumulator = torch.empty(step, dtype=compute_dtype, device=first.device)
+    limit = saturation_limit(flat_out.dtype)
+    clamped = 0
     for start in range(0, numel, step):
         stop = min(start + step, numel)
         acc = accumulator[:stop - start]
         acc.copy_(flats[0][start:stop])
         acc *= float(coeffs[0])
         for flat, coeff in zip(flats[1:], coeffs[1:]):
-            acc.add_(flat[start:stop], alpha=float(coeff))
+            acc.add_(_as_math(flat[start:stop], compute_dtype), alpha=float(coeff))
+        if limit is not None:
+            clamped += int((acc.abs() > limit).sum())
+            acc.clamp_(-limit, limit)
         flat_out[start:stop] = acc
+    if saturated is not None and clamped:
+        saturated.append(clamped)
     return out
 
 
@@ -167,7 +202,7 @@ def with_base(coeffs: Sequence[float]) -> list[float]:
 def slerp(v0: Tensor, v1: Tensor, t: float, base: Tensor | None = None,
           dot_threshold: float = DEFAULT_DOT_THRESHOLD, eps: float = DEFAULT_NORM_EPS,
           out_dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float32,
-          out: Tensor | None = None) -> Tensor:
+          out: Tensor | None = None, saturated: list | None = None) -> Tensor:
     """Whole-tensor spherical interpolation; t = 0 gives v0. With `base`, of v_i - base, plus base."""
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"SLERP t must be in [0, 1], got {t}")
@@ -176,7 +211,7 @@ def slerp(v0: Tensor, v1: Tensor, t: float, base: Tensor | None = None,
     tensors = [v0, v1]
     if base is not None:
         tensors, coeffs = tensors + [base], with_base(coeffs)
-    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out)
+    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out, saturated)
 
 
 # ---------------------------------------------------------------- Karcher mean
@@ -234,7 +269,8 @@ def karcher_coefficients(gram: Tensor, weights: Sequence[float], max_iter: int =
 
 def karcher_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = None, max_iter: int = 10,
                  tol: float = 1e-5, base: Tensor | None = None, out_dtype: torch.dtype | None = None,
-                 compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+                 compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None,
+                 saturated: list | None = None) -> Tensor:
     """Weighted Karcher (Frechet) mean of whole tensors: direction on the sphere, weighted mean norm."""
     weights = [1.0] * len(tensors) if weights is None else list(weights)
     gram = gram_matrix(tensors, base, compute_dtype)
@@ -242,7 +278,7 @@ def karcher_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = No
     tensors = list(tensors)
     if base is not None:
         tensors, coeffs = tensors + [base], with_base(coeffs)
-    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out)
+    return linear_combination(tensors, coeffs, out_dtype, compute_dtype, out, saturated)
 
 
 def karcher_mean_direct(tensors: Sequence[Tensor], weights: Sequence[float] | None = None,

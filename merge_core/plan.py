@@ -27,6 +27,11 @@ PARTIAL_MERGE_RULES: tuple[tuple[int, re.Pattern], ...] = (
 
 FLOAT_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                      "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+for _short, _attr in (("fp8_e4m3fn", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        FLOAT_DTYPE_NAMES[_short] = FLOAT_DTYPE_NAMES[_attr] = getattr(torch, _attr)
+# What a user can ask for as the output dtype (fp8: math still in fp32, out-of-range values saturated).
+OUTPUT_DTYPES = ("auto", "fp16", "bf16", "fp32") + tuple(n for n in ("fp8_e4m3fn", "fp8_e5m2") if n in FLOAT_DTYPE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -13,27 +13,71 @@ from pathlib import Path
 
 import torch
 
-from .errors import MergeCancelled
-from .io.safetensors_file import SafetensorsWriter, check_output_path
+from .errors import MergeCancelled, MergeError, OutputExists
+from .io.atomic import (Target, check_writable_folder, deferred_signals, describe_os_error, is_within,
+                        lock_exclusive, remove_quietly, temp_name)
+from .io.safetensors_file import SafetensorsWriter
 from .io.sources import CHECKPOINT_SUFFIXES
 from .io.spec import TensorSpec
+
+
+MANIFEST = ".manifold-merge.json"  # what a folder output holds, so --overwrite can tell it is ours
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of `folder` that no earlier merge wrote (everything, if it has no manifest of ours)."""
+    try:
+        listed = set(json.loads((folder / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    if listed is None:
+        return names or ["(no record that Manifold Merge wrote it)"]
+    return [n for n in names if n not in listed or (folder / n).is_dir()]
+
+
+def check_folder_output(output: Path, inputs: list[Path], overwrite: bool) -> Target:
+    """A folder output never replaces a folder that holds an input, the base, or anything a merge did not
+    write; with overwrite it replaces only a model folder an earlier merge wrote."""
+    check_writable_folder(output)
+    for path in inputs:
+        if is_within(path, output):
+            raise OutputExists(f"{output}: holds the input {path}; a merge never replaces a folder with its "
+                               f"inputs in it (pick a new output folder)")
+    if output.exists() or output.is_symlink():
+        if not output.is_dir() or output.is_symlink():
+            raise OutputExists(f"{output}: exists and is not a folder; a folder output needs a new name")
+        if not overwrite:
+            raise OutputExists(f"{output}: output folder already exists (use --overwrite to replace a model "
+                               f"folder written by an earlier merge)")
+        foreign = _foreign_entries(output)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExists(f"{output}: holds files a merge did not write ({shown}); --overwrite replaces "
+                               f"only a model folder written by Manifold Merge, so nothing was replaced")
+    return Target.capture(output, overwrite)
 
 
 class Sink:
     """Where merged tensors go: a safetensors file, a sharded folder, or a dict."""
 
     def __init__(self, output: Path | None, specs: dict[str, TensorSpec], overwrite: bool,
-                 output_device: torch.device, max_shard_bytes: int):
+                 output_device: torch.device, max_shard_bytes: int, inputs: list[Path] = (),
+                 metadata: dict[str, str] | None = None):
         self.output = output
         self.state_dict: dict[str, torch.Tensor] | None = None
         self._writers: list[SafetensorsWriter] = []
         self._key_writer: dict[str, SafetensorsWriter] = {}
         self._output_device = output_device
         self._tmp_dir: Path | None = None
+        self._dir_fd: int | None = None
         self._overwrite = overwrite
         self._specs = specs
         self._max_shard = max_shard_bytes
+        self._inputs = list(inputs)
+        self._metadata = dict(metadata or {})  # sizes the header: the final metadata must not be longer
         self._lock = threading.Lock()
+        self.copied_files: list[str] = []
 
     @property
     def is_folder(self) -> bool:
@@ -44,15 +88,34 @@ class Sink:
             self.state_dict = {}
             return self
         if not self.is_folder:
-            writer = SafetensorsWriter(self.output, self._specs, overwrite=self._overwrite).__enter__()
-            self._writers = [writer]
+            writer = SafetensorsWriter(self.output, self._specs, self._metadata, overwrite=self._overwrite)
+            self._writers = [writer]  # known before it creates its file: abort() always finds it
+            writer.__enter__()
             self._key_writer = {k: writer for k in self._specs}
             return self
-        # Folder output: shards + index, built in a hidden temp folder and renamed into place.
-        check_output_path(self.output, self._overwrite)
-        self._tmp_dir = self.output.parent / f".{self.output.name}.tmp-merge"
-        shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        self._tmp_dir.mkdir()
+        # Folder output: shards + index, built in a hidden temp folder and moved into place at commit.
+        self._target = check_folder_output(self.output, self._inputs, self._overwrite)
+        tmp = self.output.parent / temp_name(self.output)
+        with deferred_signals():
+            try:
+                tmp.mkdir()
+            except OSError as exc:
+                raise MergeError(f"{self.output}: cannot create the output folder "
+                                 f"({describe_os_error(exc)})") from None
+            self._tmp_dir = tmp
+        try:
+            self._dir_fd = os.open(tmp, os.O_RDONLY)
+            lock_exclusive(self._dir_fd)
+            self._open_shards()
+        except OSError as exc:
+            self.abort()
+            raise MergeError(f"{self.output}: cannot create the output ({describe_os_error(exc)})") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def _open_shards(self) -> None:
         shards: list[dict[str, TensorSpec]] = [{}]
         size = 0
         for key, spec in self._specs.items():
@@ -65,11 +128,11 @@ class Sink:
         self.shard_names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
                             for i in range(total)]
         for name, shard in zip(self.shard_names, shards):
-            writer = SafetensorsWriter(self._tmp_dir / name, shard).__enter__()
+            writer = SafetensorsWriter(self._tmp_dir / name, shard, self._metadata, display=self.output)
             self._writers.append(writer)
+            writer.__enter__()
             for key in shard:
                 self._key_writer[key] = writer
-        return self
 
     def buffer(self, key: str) -> torch.Tensor | None:
         """Where to compute `key` in place (a view of the output file), if the output allows it."""
@@ -100,25 +163,33 @@ class Sink:
         if len(self._writers) > 1:
             (self._tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if copy_extra_from is not None:
-            copy_extra_files(copy_extra_from, self._tmp_dir)
-        if self.output.exists():
-            old = self.output.parent / f".{self.output.name}.old-merge"
-            os.replace(self.output, old)
-            os.replace(self._tmp_dir, self.output)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.replace(self._tmp_dir, self.output)
+            self.copied_files = copy_extra_files(copy_extra_from, self._tmp_dir)
+        written = sorted(p.name for p in self._tmp_dir.iterdir())
+        (self._tmp_dir / MANIFEST).write_text(json.dumps({"tool": "manifold-merge", "files": written}))
+        if self._target.identity is not None:  # the same rule again, now: nothing foreign was added meanwhile
+            check_folder_output(self.output, self._inputs, True)
+        try:
+            self._target.place(self._tmp_dir)
+        except OSError as exc:
+            raise MergeError(f"{self.output}: moving the finished output into place failed "
+                             f"({describe_os_error(exc)})") from None
         self._tmp_dir = None
+        self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def abort(self) -> None:
-        for writer in self._writers:
-            writer.__exit__(MergeCancelled, None, None)
-        if self._tmp_dir is not None:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-        self.state_dict = None
+        with deferred_signals():
+            if self._tmp_dir is not None:  # remove the folder first: nothing is left whatever comes next
+                remove_quietly(self._tmp_dir)
+                self._tmp_dir = None
+            for writer in self._writers:
+                writer.__exit__(MergeCancelled, None, None)
+            self._close_dir()
+            self.state_dict = None
 
 
 def copy_extra_files(source_folder: Path, target: Path) -> list[str]:

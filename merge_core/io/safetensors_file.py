@@ -18,7 +18,6 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Mapping
@@ -27,9 +26,11 @@ import numpy as np
 import torch
 
 from ..errors import BadCheckpoint, MergeError, OutputExists
+from .atomic import (Target, check_writable_folder, deferred_signals, describe_os_error, lock_exclusive,
+                     remove_quietly, temp_name)
 from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from .header import MAX_HEADER_BYTES, read_header  # 100_000_000: the official library's cap
 HEADER_ALIGN = 8
 HEADER_SLACK = 16 * 1024  # room for metadata that is only known at the end (input hashes)
 
@@ -69,53 +70,11 @@ def _write_all(fd: int, lock: threading.Lock, data: memoryview, offset: int) -> 
 
 
 def parse_header(path: str, fd: int, file_size: int):
-    """Return (specs, data offsets, data start, metadata), validating everything."""
-    if file_size < 8:
-        raise BadCheckpoint(f"{path}: not a safetensors file (only {file_size} bytes)")
-    raw = os.pread(fd, 8, 0) if hasattr(os, "pread") else _pread_fallback(fd, 8, 0)
-    (header_len,) = struct.unpack("<Q", raw)
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
-        raise BadCheckpoint(
-            f"{path}: corrupt or truncated safetensors file (header claims {header_len} bytes, "
-            f"file has {file_size})")
-    header_bytes = os.pread(fd, header_len, 8) if hasattr(os, "pread") else _pread_fallback(fd, header_len, 8)
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadCheckpoint(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise BadCheckpoint(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise BadCheckpoint(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
-    data_start = 8 + header_len
-    data_size = file_size - data_start
-    specs: dict[str, TensorSpec] = {}
-    offsets: dict[str, tuple[int, int]] = {}
-    for key, info in header.items():
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = tuple(int(s) for s in shape)
-        except (KeyError, TypeError, ValueError):
-            raise BadCheckpoint(f"{path}: corrupt safetensors header entry for {key!r}") from None
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise BadCheckpoint(f"{path}: tensor {key!r} has unsupported dtype {dtype_name}")
-        spec = TensorSpec(shape, SAFETENSORS_DTYPES[dtype_name])
-        if any(s < 0 for s in shape) or not (0 <= begin <= end) or end - begin != spec.nbytes:
-            raise BadCheckpoint(
-                f"{path}: header lies about tensor {key!r} (offsets {begin}..{end} for shape "
-                f"{list(shape)} {dtype_name} = {spec.nbytes} bytes)")
-        if end > data_size:
-            raise BadCheckpoint(
-                f"{path}: truncated file: tensor {key!r} ends at byte {data_start + end}, "
-                f"file has {file_size}")
-        specs[key] = spec
-        offsets[key] = (begin, end)
-    spans = sorted(offsets.values())
-    for (b0, e0), (b1, e1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise BadCheckpoint(f"{path}: header lies: tensors overlap at bytes {b1}..{e0}")
-    return specs, offsets, data_start, {str(k): str(v) for k, v in metadata.items()}
+    """Return (specs, data offsets, data start, metadata), validating everything.
+
+    The rules (the official library's, checked on crafted files) live in io/header.py: any header
+    they refuse is a one-line BadCheckpoint naming the file, never another exception."""
+    return read_header(path, fd, file_size)
 
 
 def _pread_fallback(fd: int, n: int, offset: int) -> bytes:
@@ -228,7 +187,8 @@ def _header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], 
         size = len(body) + HEADER_SLACK
         size += (-(8 + size)) % HEADER_ALIGN  # tensor data starts 8-byte aligned
     if len(body) > size:
-        raise ValueError("safetensors header grew beyond its reserved size")
+        raise MergeError(f"the output's header ({len(body)} bytes) outgrew the space reserved for it ({size}); "
+                         f"nothing was written")
     return body + b" " * (size - len(body))
 
 
@@ -240,10 +200,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def check_output_path(path: Path, overwrite: bool) -> None:
+    """The output may be written: its folder takes the name, and an existing entry only with `overwrite`
+    (and never a folder where a file is asked for)."""
+    check_writable_folder(path)
+    if path.is_dir() and path.suffix.lower() == ".safetensors":
+        raise OutputExists(f"{path}: is a folder; a .safetensors output must be a file (pick another name)")
     if path.exists() and not overwrite:
         raise OutputExists(f"{path}: output already exists (use --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise OutputExists(f"{path}: output folder {path.parent} does not exist")
 
 
 def _reserve_space(fd: int, size: int, path: Path) -> bool:
@@ -276,11 +239,17 @@ class SafetensorsWriter:
     also memory-mapped and `buffer(key)` hands out a tensor view of the key's
     place in the file: merge code computes straight into it (no output
     allocation, no copy). Otherwise tensors are written with positioned writes.
+
+    The temporary file is hidden, locked by this process (see io/atomic.py), and
+    moved into place by `Target.place`: an entry that appears at the output path
+    while the merge runs is never replaced. `display` is the path named in error
+    messages (the user's output, when this file is one shard of a folder output).
     """
 
     def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, display: Path | None = None):
         self.path = Path(path)
+        self.display = Path(display) if display is not None else self.path
         self.specs = dict(specs)
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
@@ -293,25 +262,35 @@ class SafetensorsWriter:
 
     def __enter__(self) -> "SafetensorsWriter":
         check_output_path(self.path, self.overwrite)
+        self._target = Target.capture(self.path, self.overwrite)
         for key, spec in self.specs.items():
             if spec.dtype not in TORCH_TO_SAFETENSORS:
                 raise ValueError(f"{key}: dtype {spec.dtype} cannot be stored in safetensors")
         self._header = _header_bytes(self.specs, self.metadata, None)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                         suffix=".tmp-merge")
-        self._fd = fd
+        tmp = self.path.parent / temp_name(self.path)
+        with deferred_signals():  # a signal here must not leave a file this object does not know of
+            try:
+                self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                                   0o666 & ~_current_umask())
+            except OSError as exc:
+                raise MergeError(f"{self.display}: cannot write into {self.display.parent} "
+                                 f"({describe_os_error(exc)})") from None
+            self._tmp = tmp
         try:
-            os.chmod(self._tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs get normal permissions
+            lock_exclusive(self._fd)
             data_start = 8 + len(self._header)
             offset = data_start
             for key, spec in self.specs.items():
                 self._offsets[key] = offset
                 offset += spec.nbytes
-            if _reserve_space(fd, offset, self.path) and offset > 0:
+            if _reserve_space(self._fd, offset, self.display) and offset > 0:
                 try:
-                    self._map = mmap.mmap(fd, offset, access=mmap.ACCESS_WRITE)
+                    self._map = mmap.mmap(self._fd, offset, access=mmap.ACCESS_WRITE)
                 except (OSError, ValueError):
                     self._map = None
+        except OSError as exc:
+            self._discard()
+            raise MergeError(f"{self.display}: cannot create the output ({describe_os_error(exc)})") from None
         except BaseException:
             self._discard()
             raise
@@ -347,10 +326,11 @@ class SafetensorsWriter:
         with self._lock:
             self._written.add(key)
 
-    def _close_map(self) -> None:
+    def _close_map(self, flush: bool) -> None:
         if self._map is not None:
             try:
-                self._map.flush()
+                if flush:
+                    self._map.flush()
                 self._map.close()
             except BufferError:
                 pass  # a view is still alive somewhere; the map is unmapped when it dies
@@ -360,26 +340,32 @@ class SafetensorsWriter:
         missing = [k for k in self.specs if k not in self._written]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
-        self._close_map()
+        self._close_map(flush=True)
         header = _header_bytes(self.specs, self.metadata, len(self._header))
-        _write_all(self._fd, self._lock, memoryview(struct.pack("<Q", len(header)) + header), 0)
-        os.fsync(self._fd)
+        try:
+            _write_all(self._fd, self._lock, memoryview(struct.pack("<Q", len(header)) + header), 0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise MergeError(f"{self.display}: writing the output failed ({describe_os_error(exc)})") from None
+        # The lock (held through the open descriptor) stays until the file has its final name.
+        try:
+            self._target.place(self._tmp)
+        except OSError as exc:
+            raise MergeError(f"{self.display}: moving the finished output into place failed "
+                             f"({describe_os_error(exc)})") from None
+        self._tmp = None
         os.close(self._fd)
         self._fd = None
-        os.replace(self._tmp, self.path)
-        self._tmp = None
 
     def _discard(self) -> None:
-        self._close_map()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
+        with deferred_signals():
+            # Unlink first: whatever happens next, no temporary file is left behind.
+            remove_quietly(self._tmp)
             self._tmp = None
+            self._close_map(flush=False)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

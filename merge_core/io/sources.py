@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import BadCheckpoint, UnsafeCheckpoint
+from .header import sniff
 from .safetensors_file import SafetensorsReader
 from .spec import TensorSpec
 
@@ -241,11 +242,49 @@ def is_model_folder(folder: Path) -> bool:
                                 or (folder / "pytorch_model.bin").is_file())
 
 
+def _sniff_file(path: Path) -> str | None:
+    """The format the file's first bytes show ("safetensors", "zip", "pickle"), or None."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.read(64)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return None  # the loaders below report it
+    return sniff(first, size)
+
+
+def _load_misnamed_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled checkpoint named .safetensors, through the same weights_only unpickler. torch.load
+    hands any path ending in .safetensors to the safetensors library, so the file goes in as an open
+    handle (read into memory: no mmap for a handle)."""
+    prefix = f"{path}: is a pickled PyTorch checkpoint, not a safetensors file (rename it to .ckpt)"
+    try:
+        with open(path, "rb") as handle:
+            obj = _torch_load_weights_only(handle, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise UnsafeCheckpoint(f"{prefix}, and it was refused: the pickle wants to run code or build objects "
+                               f"other than tensors ({detail.strip()})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
+        raise BadCheckpoint(f"{prefix}, and it is corrupt or truncated ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    return _unwrap_state_dict(obj, path)
+
+
 def open_file(path: Path, name: str | None = None) -> ModelSource:
+    """Open one checkpoint file. The content decides, not the name: a safetensors file named .ckpt
+    (or anything else) is read as safetensors, which is safe; a pickled checkpoint named .safetensors
+    goes through the weights_only loader (a pickle that wants to run code is still refused)."""
     path = Path(path)
     if not path.exists():
         raise BadCheckpoint(f"{path}: file not found")
     suffix = path.suffix.lower()
+    kind = _sniff_file(path) if path.is_file() else None
+    if kind == "safetensors":
+        return SafetensorsSource(path, name)
+    if suffix in SAFETENSORS_SUFFIXES and kind in ("zip", "pickle"):
+        return StateDictSource(_load_misnamed_pickle(path), name or path.name, path)
     if suffix in SAFETENSORS_SUFFIXES:
         return SafetensorsSource(path, name)
     if suffix in PICKLE_SUFFIXES:

@@ -388,6 +388,85 @@ def test_tab_events_over_http_with_gradio_client(webui, demo_models):
         assert result[1].count("<lora:http_hyper_1-2:") == 3
 
 
+SECRET = "outside-secret-metadata"
+
+
+def _outside_checkpoint(folder: Path) -> tuple[Path, str]:
+    """A real checkpoint outside the models folder, and its short hash: neither may come back."""
+    import hashlib
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_safetensors(folder / "secret.safetensors", {"w": torch.ones(4)}, {"secret": SECRET})
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def test_webui_names_must_be_titles_from_the_hosts_list(webui, tmp_path):
+    """The host's list decides, never get_closet_checkpoint_match (a substring of any title, and
+    aliases that hold the in-memory merges): raw paths, even of a listed file, are refused."""
+    from manifold_webui.hosts import shown
+    from manifold_webui.service import MergeRequest, friendly
+    from merge_core.errors import MergeError
+    service = _service(webui)
+    secret, secret_hash = _outside_checkpoint(tmp_path / "outside")
+    service.merge_and_load(MergeRequest(method="sma", models=_titles(webui, NAMES[:2]), name="inmem"))
+    in_memory = webui.shared.opts.sd_model_checkpoint
+    before = sorted(p.name for p in webui.ckpt_dir.iterdir())
+    refused = [str(secret), str(webui.ckpt_dir / NAMES[0]), "../../outside/secret.safetensors",
+               "../Lora/x.safetensors", "demo_model", in_memory, "", NAMES[0] + "\0"]
+    for bad in refused:
+        for action in (lambda: service.inspect([bad]), lambda: service.switch_to(bad),
+                       lambda: service.hyper([_titles(webui)[0], bad], "2", 1, "hy", "fp16"),
+                       lambda: service.save(MergeRequest(models=_titles(webui, NAMES[:1]) + [bad], name="out"))):
+            with pytest.raises(MergeError) as info:
+                action()
+            text = friendly(info.value)
+            assert text.startswith(f"Error: {shown(bad)}: not a checkpoint in the models folder ({webui.ckpt_dir})") \
+                or (bad == "" and text == "Error: save a merge first"), (bad, text)
+            assert "\n" not in text and secret_hash not in text and SECRET not in text
+    assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before and list(webui.lora_dir.iterdir()) == []
+    # what the tab holds: full titles, and names whose " [hash]" came or went after the list was read
+    rows = service.inspect([_titles(webui)[0], NAMES[1], NAMES[2] + " [0000000000]"])["rows"]
+    assert [r[0] for r in rows] == ["demo_model_1", "demo_model_2", "demo_model_3"]
+
+
+def _inspect_over_http(client, names):
+    result = client.predict(names, api_name="/manifold_merge_inspect")
+    return result[0], repr(result)
+
+
+def test_inspect_over_http_refuses_paths_outside_the_folder(webui, tmp_path):
+    """The endpoint takes any strings (the dropdown's choices are no protection): an outside file's
+    metadata and hash never come back, through the tab in a WebUI or the standalone app."""
+    from manifold_webui import app
+    secret, secret_hash = _outside_checkpoint(tmp_path / "outside")
+    with _served(webui) as client:
+        for bad in (str(secret), "../../outside/secret.safetensors"):
+            status, everything = _inspect_over_http(client, [bad])
+            assert status.startswith(f'Error: "{bad}": not a checkpoint in the models folder'), status
+            assert SECRET not in everything and secret_hash not in everything
+    models = tmp_path / "standalone"
+    for p in NAMES:
+        models.mkdir(exist_ok=True)
+        (models / p).write_bytes((webui.ckpt_dir / p).read_bytes())
+    (models / "sub").mkdir()
+    blocks = app.build(models)  # creates models/Lora
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    port = H.free_port()
+    app.launch(blocks, port, block=False)
+    try:
+        from gradio_client import Client
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        for bad in (str(secret), "../outside/secret.safetensors", "sub/../../outside/secret.safetensors"):
+            status, everything = _inspect_over_http(client, [NAMES[0], bad])
+            assert status == (f'Error: "{bad}": not a checkpoint in the models folder ({models.resolve()}); '
+                              f'pick one from the list (Refresh rescans the folder)'), status
+            assert SECRET not in everything and secret_hash not in everything
+        status, everything = _inspect_over_http(client, [NAMES[0]])
+        assert status.startswith("Pick two or more") and '"demo": "manifold-merge"' in everything
+    finally:
+        blocks.close()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
 def _event(blocks, api_name):
     if isinstance(blocks.fns, dict):  # gradio 4
         (fn,) = [f.fn for f in blocks.fns.values() if f.api_name == api_name]

@@ -1,8 +1,14 @@
 """The tab's logic without gradio: names, requests, the standalone host, the charts."""
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
 import pytest
+import torch
 
 from manifold_webui.charts import bar_chart, heatmap
-from manifold_webui.hosts import Host
+from manifold_webui.hosts import Host, shown
 from manifold_webui.service import MergeRequest, MergeService, friendly
 from merge_core.errors import MergeCancelled, MergeError
 from merge_core.inputs import parse_numbers, plain_name
@@ -46,7 +52,7 @@ def test_standalone_host_lists_checkpoints_but_not_loras_or_hidden_files(tmp_pat
         (tmp_path / name).write_bytes(b"")
     host = Host(tmp_path)
     assert host.list_checkpoints() == ["A.ckpt", "b.safetensors", "sub/c.safetensors"]
-    with pytest.raises(MergeError, match="gone.safetensors: checkpoint not found"):
+    with pytest.raises(MergeError, match='"gone.safetensors": not a checkpoint in the models folder'):
         host.checkpoint_path("gone.safetensors")
 
 
@@ -61,3 +67,135 @@ def test_heatmap_and_bars_carry_the_numbers():
     assert "a&lt;b" in html and "0.500000" in html and "60.000°" in html
     bars = bar_chart(["m1", "m2"], [0.1, 0.2], "error")
     assert "width:50.0%" in bars and "width:100.0%" in bars and "0.2000" in bars
+
+
+# ---- input names are confined to the host's own list of checkpoints ------------------------------
+SECRET = "outside-secret-metadata"
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    from merge_core.demo import write_demo_models
+    return write_demo_models(tmp_path_factory.mktemp("demo"), 2)
+
+
+@pytest.fixture
+def tree(tmp_path, demo_files):
+    """models/ with two demo checkpoints, a sub-folder, a directory named like a checkpoint and links
+    the listing does not show; outside/ beside it with a real checkpoint whose hash must never come back."""
+    from merge_core.io import save_safetensors
+    models, outside = tmp_path / "models", tmp_path / "outside"
+    for folder in (models / "sub", models / "Lora", models / ".hidden", models / "dir.safetensors", outside):
+        folder.mkdir(parents=True)
+    for p in demo_files:
+        shutil.copy(p, models / p.name)
+    secret = save_safetensors(outside / "secret.safetensors", {"w": torch.ones(4)}, {"secret": SECRET})
+    (models / ".hidden" / "link.safetensors").symlink_to(secret)
+    (models / "Lora" / "link.safetensors").symlink_to(secret)
+    return models, secret, hashlib.sha256(secret.read_bytes()).hexdigest()
+
+
+def _bad_names(models, secret):
+    return {
+        "absolute outside": str(secret),
+        "absolute inside": str(models / "demo_model_1.safetensors"),  # a raw path, not a listed name
+        "dotdot": "../outside/secret.safetensors",
+        "dotdot after a folder": "sub/../../outside/secret.safetensors",
+        "dotdot back in": "sub/../demo_model_1.safetensors",
+        "symlink in a hidden folder": ".hidden/link.safetensors",
+        "symlink in the LoRA folder": "Lora/link.safetensors",
+        "directory": "dir.safetensors",
+        "folder": "sub",
+        "the folder itself": ".",
+        "empty": "",
+        "NUL byte": "demo_model_1.safetensors\0",
+        "NUL byte in a path": f"{secret}\0.safetensors",
+        "not a string": 42,
+    }
+
+
+def _snapshot(root):
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.lstat(os.path.join(d, f)).st_size)
+                  for d, dirs, files in os.walk(root) for f in dirs + files)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Every merge_core entry point that opens a checkpoint; none may run for a refused request."""
+    import merge_core.engine
+    import merge_core.hyper.pipeline
+    import merge_core.inspect
+    import merge_core.similarity
+    called = []
+    for module, name in ((merge_core.inspect, "inspect_model"), (merge_core.similarity, "pairwise_cosine"),
+                         (merge_core.engine, "merge"), (merge_core.hyper.pipeline, "run_hyper")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: called.append((_n, a)))
+    return called
+
+
+@pytest.mark.parametrize("case", list(_bad_names(Path("models"), Path("outside/secret.safetensors"))))
+def test_names_outside_the_list_are_refused_before_anything_is_read(tree, spies, case):
+    models, secret, secret_hash = tree
+    bad = _bad_names(models, secret)[case]
+    service = MergeService(Host(models))
+    good = service.checkpoints()
+    assert good == ["demo_model_1.safetensors", "demo_model_2.safetensors"]
+    before = _snapshot(models.parent)
+    actions = {
+        "inspect": lambda: service.inspect([bad]),
+        "inspect with a good one": lambda: service.inspect([good[0], bad]),
+        "merge": lambda: service.save(MergeRequest(models=[good[0], bad], name="out")),
+        "base model": lambda: service.save(MergeRequest(method="slerp", models=good, base=bad, name="out")),
+        "hyper-merge": lambda: service.hyper([good[0], bad], "2", 1, "hy", "fp16"),
+    }
+    if bad == "":
+        del actions["base model"]  # an empty base is "no base model", as "(none)" is
+    for action, call in actions.items():
+        with pytest.raises(MergeError) as info:
+            call()
+        text = friendly(info.value)
+        assert text == f"Error: {shown(bad)}: not a checkpoint in the models folder ({models}); pick one from " \
+                       f"the list (Refresh rescans the folder)", (action, text)
+        assert "\n" not in text and "\0" not in text and secret_hash[:10] not in text and SECRET not in text
+    assert spies == [], "a checkpoint was opened for a refused name"
+    assert _snapshot(models.parent) == before, "something was written or deleted"
+
+
+def test_a_lone_string_is_one_name_not_its_characters(tree, spies):
+    models, secret, _ = tree
+    with pytest.raises(MergeError, match=f'^"{secret}": not a checkpoint'):
+        MergeService(Host(models)).inspect(str(secret))
+    assert spies == []
+
+
+def test_listed_names_still_work_and_nothing_outside_comes_back(tree):
+    models, _, secret_hash = tree
+    service = MergeService(Host(models))
+    out = service.inspect(service.checkpoints())
+    assert [r[0] for r in out["rows"]] == ["demo_model_1", "demo_model_2"] and out["similarity"] is not None
+    assert secret_hash[:10] not in repr(out) and SECRET not in repr(out)
+
+
+def test_links_the_user_put_into_the_folder_are_listed_and_accepted(tree):
+    """The rule is the host's own list: a symlinked file or sub-folder inside the models folder (models
+    kept on another drive) is the user's choice, listed, and accepted; a loop is listed once."""
+    models, secret, secret_hash = tree
+    (models / "mine.safetensors").symlink_to(secret)
+    (models / "drive").symlink_to(secret.parent, target_is_directory=True)
+    (models / "sub" / "loop").symlink_to(models, target_is_directory=True)
+    (models / "dangling.safetensors").symlink_to(models / "nowhere.safetensors")
+    service = MergeService(Host(models))
+    listed = service.checkpoints()
+    assert listed == ["dangling.safetensors", "demo_model_1.safetensors", "demo_model_2.safetensors",
+                      "drive/secret.safetensors", "mine.safetensors"]
+    rows = service.inspect(["mine.safetensors", "drive/secret.safetensors"])["rows"]
+    assert [r[0] for r in rows] == ["mine", "secret"] and {r[5] for r in rows} == {secret_hash[:10]}
+    with pytest.raises(MergeError, match='^"dangling.safetensors": checkpoint not found in the models folder'):
+        service.inspect(["dangling.safetensors"])
+    with pytest.raises(MergeError, match="not a checkpoint in the models folder"):
+        service.inspect(["drive/../outside/secret.safetensors"])
+
+
+def test_shown_names_are_one_quoted_line():
+    assert shown("a\0b\nc") == '"a\\x00b\\nc"'
+    assert shown(None) == "None" and shown("x" * 500).endswith('..."') and len(shown("x" * 500)) < 170
