@@ -13,23 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from merge_core.compute import BASE_METHODS, MethodConfig
+from merge_core import registry
+from merge_core.plan import OUTPUT_DTYPES
+from merge_core.registry import Bound
 from merge_core.errors import MergeCancelled, MergeError
 from merge_core.inputs import parse_numbers, plain_name
 
 from . import charts
 from .hosts import Host
 
-METHOD_LABELS = {
-    "karcher": "Karcher mean",
-    "slerp": "SLERP",
-    "sma": "SMA",
-    "ema": "EMA",
-    "wma": "WMA",
-    "weighted": "Weighted sum",
-    "add-difference": "Add difference",
-}
-DTYPES = ("auto", "fp16", "bf16", "fp32")
+METHOD_LABELS = {m.name: m.label for m in registry.all_methods()}
+DTYPES = OUTPUT_DTYPES
 NONE = "(none)"
 INSPECT_COLUMNS = ("model", "architecture", "dtypes", "MiB", "M params", "hash")
 UIProgress = Callable[[float, str], None]
@@ -55,20 +49,20 @@ class MergeRequest:
     dtype: str = "auto"
     device: str = "host"
 
-    def config(self) -> MethodConfig:
-        """The method and its parameters, validated exactly as the engine will."""
-        if self.method not in METHOD_LABELS:
-            raise MergeError(f"unknown method {self.method!r}")
+    def params(self) -> dict:
+        """The picked method's parameters (only those it has: the others' controls are hidden)."""
+        entry = registry.get(self.method)
         weights = parse_numbers(self.weights, "weights")
         if weights is not None and len(weights) != len(self.models):
             raise MergeError(f"{len(weights)} weights for {len(self.models)} models: give one per model, "
                              f"in the order they were picked")
-        try:
-            return MethodConfig(self.method, len(self.models), tuple(weights) if weights else None, float(self.t),
-                                float(self.alpha), float(self.multiplier), int(self.karcher_iter),
-                                float(self.karcher_tol))
-        except ValueError as exc:
-            raise MergeError(str(exc)) from None
+        raw = {"weights": weights, "t": self.t, "alpha": self.alpha, "multiplier": self.multiplier,
+               "karcher_iter": self.karcher_iter, "karcher_tol": self.karcher_tol}
+        return {p.name: raw[p.name] for p in entry.params if raw.get(p.name) is not None}
+
+    def config(self) -> Bound:
+        """The method and its parameters, validated exactly as the engine will."""
+        return registry.get(self.method).bind(len(self.models), self.params())
 
     def base_name(self) -> str | None:
         return None if self.base in (None, "", NONE) else self.base
@@ -113,15 +107,14 @@ class MergeService:
         return self._paths(req.models), (self._paths([base])[0] if base else None)
 
     def _engine_args(self, req: MergeRequest) -> dict:
-        cfg = req.config()
-        if req.base_name() and req.method not in BASE_METHODS:
-            raise MergeError(f"a base model only applies to {' and '.join(METHOD_LABELS[m] for m in BASE_METHODS)}")
+        req.config()
+        if req.base_name() and not registry.get(req.method).takes_base:
+            labels = [registry.get(m).label for m in registry.base_methods()]
+            raise MergeError(f"a base model only applies to {' and '.join(labels)}")
         if req.dtype not in DTYPES:
             raise MergeError(f"unknown output dtype {req.dtype!r}")
         threads = self.host.settings().threads or None
-        return dict(weights=list(cfg.weights) if cfg.weights else None, t=cfg.t, alpha=cfg.alpha,
-                    multiplier=cfg.multiplier, karcher_iter=cfg.karcher_iter, karcher_tol=cfg.karcher_tol,
-                    dtype=req.dtype, device=self.device(req.device), threads=threads)
+        return dict(params=req.params(), dtype=req.dtype, device=self.device(req.device), threads=threads)
 
     def recipe_preview(self, req: MergeRequest) -> str:
         """The recipe that will go into the file's metadata (hashes are added when the files are read)."""

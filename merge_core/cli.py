@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .compute import METHODS
+from . import registry
 from .errors import MergeError
 from .inputs import parse_numbers
+from .plan import OUTPUT_DTYPES
 from .io.atomic import describe_os_error
 
 
@@ -24,26 +25,47 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _number_list(values: list[str], flag: str, cast=float) -> list:
+    """`--x 0.4 0.6`, `--x 0.4,0.6` and `--x "0.4, 0.6"` are the same list."""
+    try:
+        return parse_numbers(" ".join(values), flag, cast) or []
+    except MergeError as exc:
+        raise MergeError(f"{flag}: {exc}") from None
+
+
 def add_merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="merge checkpoints", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("merge", help="merge checkpoints",
+                       description="Merge checkpoints. Method parameters are listed per method; a parameter "
+                                   "that does not apply to the chosen method is an error.")
     p.add_argument("--models", nargs="+", required=True,
                    help="checkpoint files, HF-style model folders, or one folder whose *.safetensors are taken "
                         "in natural sort order")
-    p.add_argument("--method", choices=METHODS, default="karcher")
+    p.add_argument("--method", default="karcher", type=str.lower,
+                   help=f"one of {', '.join(registry.method_names())} (default karcher)")
     p.add_argument("--output", required=True, help="output .safetensors file (or a folder name for sharded output)")
-    p.add_argument("--alphas", type=_floats, help="karcher: per-model weights (normalised to sum 1)")
-    p.add_argument("--weights", type=_floats, help='wma: per-model weights, e.g. "0.5,0.3,0.2" (default N..1)')
-    p.add_argument("--alpha", type=float, default=0.5, help="ema: weight of each newer model, in (0, 1]")
-    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 gives the first model, 1 the second")
-    p.add_argument("--multiplier", "-m", type=float, default=0.5, help="weighted / add-difference: M")
+    for flag in registry.cli_flags():  # generated from the method registry
+        if flag.per_model:
+            p.add_argument(flag.flag, *flag.aliases, dest=f"param:{flag.flag}", nargs="+", default=argparse.SUPPRESS,
+                           metavar="W", help=f"{flag.help}; spaces or commas")
+        else:
+            p.add_argument(flag.flag, *flag.aliases, dest=f"param:{flag.flag}", type=float,
+                           default=argparse.SUPPRESS, metavar="X", help=flag.help)
+    blocks = p.add_argument_group("block weights (see `python -m merge_core blocks ARCH`)")
+    blocks.add_argument("--blocks", action="append", metavar="VALUES",
+                        help="the method's per-block parameter: a 26-/20-value comma list in the usual order, or "
+                             "named entries and ranges ('BASE:0, IN00-IN05:0.2, M00:1, OUT*:0.8'); for karcher "
+                             "and wma give it once per model (that model's weight per block)")
+    blocks.add_argument("--preset", action="append", metavar="NAME", help="a named block preset (instead of --blocks)")
+    blocks.add_argument("--blocks-file", metavar="FILE", help="block values from a YAML/JSON file")
+    blocks.add_argument("--override", action="append", default=[], metavar="PATTERN=VALUE",
+                        help="per-key value on top of the blocks, for keys matching PATTERN (repeatable)")
     p.add_argument("--base", help="karcher/slerp: merge differences from this base model and add it back")
-    p.add_argument("--karcher-iter", type=int, default=10)
-    p.add_argument("--karcher-tol", type=float, default=1e-5)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
-                   help="output dtype of float tensors (auto: as in the first model)")
+    p.add_argument("--dtype", default="auto", choices=OUTPUT_DTYPES,
+                   help="output dtype of float tensors (auto: as in the first model; fp8: values beyond the range "
+                        "are saturated and counted)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp64"], help="dtype the math runs in")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default min(4, CPUs))")
+    p.add_argument("--threads", type=int, help="worker threads (default min(4, CPUs))")
     p.add_argument("--strict", action="store_true", help="refuse keys missing from some models")
     p.add_argument("--force", action="store_true", help="merge different architectures on their common keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
@@ -52,6 +74,40 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--no-hash", action="store_true", help="skip sha256 of the inputs for the recipe")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+
+def method_params_from_args(args, method: str) -> dict:
+    """The registry parameters given on the command line, for `method`; others are an error."""
+    entry = registry.get(method)
+    values = {}
+    for flag in registry.cli_flags():
+        given = getattr(args, f"param:{flag.flag}", None)
+        if given is None:
+            continue
+        target = next((name for m, name in flag.targets if m == entry.name), None)
+        if target is None:
+            takes = ", ".join(p.flag for p in entry.params) or "no parameters"
+            raise MergeError(f"{flag.flag} does not apply to {entry.name} (it takes {takes})")
+        param = entry.param(target)
+        values[target] = _number_list(given, flag.flag) if flag.per_model else param.check_scalar(given, flag.flag)
+    return values
+
+
+def block_args(args, method: str):
+    """--blocks / --preset / --blocks-file -> what engine.merge takes as `blocks` (None if none given)."""
+    from .blocks import load_block_file
+    given = [x for x in (args.blocks, args.preset, args.blocks_file) if x]
+    if len(given) > 1:
+        raise MergeError("give the block weights one way: --blocks, --preset or --blocks-file")
+    if not given:
+        return None
+    per_model = bool(registry.get(method).block_param and registry.get(method).block_param.per_model)
+    specs = load_block_file(args.blocks_file) if args.blocks_file else (args.blocks or args.preset)
+    if isinstance(specs, (list, tuple)) and not per_model:
+        if len(specs) != 1:
+            raise MergeError(f"--blocks: {method} takes one block row, got {len(specs)}")
+        specs = specs[0]
+    return specs
 
 
 def progress_bar(quiet: bool):
@@ -84,14 +140,16 @@ def cmd_merge(args) -> int:
         print(f"models from {args.models[0]} (natural order):")
         for i, m in enumerate(models, 1):
             print(f"  {i}. {m.name}")
-    weights = args.alphas if args.method == "karcher" else args.weights
+    params = method_params_from_args(args, args.method)
+    blocks = block_args(args, args.method)
+    from .blocks import parse_override
+    overrides = [parse_override(text) for text in args.override]
     update, close = progress_bar(args.quiet)
     try:
-        result = merge(models, args.method, output=args.output, weights=weights, t=args.t, alpha=args.alpha,
-                       multiplier=args.multiplier, base=args.base, device=args.device, dtype=args.dtype,
-                       precision=args.precision, karcher_iter=args.karcher_iter, karcher_tol=args.karcher_tol,
-                       threads=args.threads, strict=args.strict, force=args.force, overwrite=args.overwrite,
-                       copy_extra_files=args.copy_extra_files, progress=update, hash_inputs=not args.no_hash)
+        result = merge(models, args.method, output=args.output, params=params, base=args.base, device=args.device,
+                       dtype=args.dtype, precision=args.precision, threads=args.threads, strict=args.strict,
+                       force=args.force, overwrite=args.overwrite, copy_extra_files=args.copy_extra_files,
+                       progress=update, hash_inputs=not args.no_hash, blocks=blocks, overrides=overrides)
     finally:
         close()
     if not args.quiet:
@@ -114,6 +172,13 @@ def format_summary(result) -> str:
         lines.append(f"partial merge {k}: {v}")
     for k, v in s["forced_copies"].items():
         lines.append(f"--force: {k}: {v}")
+    if s.get("per_key_values"):
+        lines.append(f"block weights / overrides: {s['per_key_values']} keys merged with their own values")
+    for pattern, count in (s.get("override_matches") or {}).items():
+        lines.append(f"override {pattern}: {count} keys")
+    if s.get("saturated"):
+        total = sum(s["saturated"].values())
+        lines.append(f"fp8: {total} values beyond the range were saturated, in {len(s['saturated'])} tensors")
     return "\n".join(lines)
 
 
@@ -122,6 +187,12 @@ def cmd_inspect(args) -> int:
     for path in args.files:
         info = inspect_model(path, with_hash=not args.no_hash)
         print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from .blocks import architecture, describe
+    print(describe(architecture(args.arch)))
     return 0
 
 
@@ -187,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-hash", action="store_true")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("blocks", help="an architecture's blocks (for --blocks) and the presets")
+    p.add_argument("arch", help="sd1, sd2, sdxl, sd3 or flux")
+    p.set_defaults(func=cmd_blocks)
     p = sub.add_parser("demo", help="build small demo checkpoints and run every method on them")
     p.add_argument("--dir", help="folder for the demo files (default: a new temp folder)")
     p.set_defaults(func=cmd_demo)

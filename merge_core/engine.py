@@ -20,13 +20,15 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .compute import BASE_METHODS, PRECISIONS, MethodConfig
+from . import keyparams, registry
+from .methods import FP8_DTYPES, cast_saturating
+from .registry import Bound, Method
 from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
 from .io.hashing import file_sha256
 from .io.atomic import sweep_stale
 from .io.safetensors_file import check_output_path
 from .io.sources import ModelSource, open_model
-from .plan import KeyTask, MergePlan, build_plan
+from .plan import OUTPUT_DTYPES, KeyTask, MergePlan, build_plan
 from .recipe import build_metadata
 from .sinks import Sink, check_folder_output
 
@@ -43,15 +45,27 @@ class MergeResult:
     summary: dict = field(default_factory=dict)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    name = str(device)
+    name = str(device).strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise DeviceUnavailable(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailable(
             f"device {name!r} was requested but CUDA is not available (torch {torch.__version__}); "
             f"use --device cpu, or --device auto to fall back to the CPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceUnavailable(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type in ("mps", "xpu") and not getattr(torch, dev.type).is_available():
+        raise DeviceUnavailable(f"device {name!r} is not available here; use cpu or auto")
     return dev
 
 
@@ -87,41 +101,52 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     and allocates nothing like the boolean mask of torch.isfinite(tensor)."""
     if tensor.numel() == 0:
         return True
+    if tensor.dtype in FP8_DTYPES:  # no fp8 kernels for aminmax: check it in float32 pieces
+        flat = tensor.reshape(-1)
+        step = 1 << 22
+        return all(_all_finite(flat[i:i + step].float()) for i in range(0, flat.numel(), step))
     low, high = torch.aminmax(tensor.reshape(-1))
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None, config: MethodConfig,
-              device: torch.device, out_buffer: torch.Tensor | None = None) -> torch.Tensor:
+def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None, config: Bound,
+              device: torch.device, out_buffer: torch.Tensor | None = None, values: dict | None = None,
+              saturated: list | None = None) -> torch.Tensor:
     out_dtype = task.out_spec.dtype
     if task.action == "copy":
         tensor = models[task.sources[0]].load(task.key)
-        out = tensor.to(out_dtype) if tensor.is_floating_point() else tensor
+        out = cast_saturating(tensor, out_dtype, saturated) if tensor.is_floating_point() else tensor
     else:
         tensors = [models[i].load(task.key).to(device) for i in task.sources]
+        kw = dict(values=values, key=task.key, saturated=saturated)
         if task.partial_dim is not None:
             dim, common = task.partial_dim, task.common
-            merged = config.merge_tensors([t.narrow(dim, 0, common) for t in tensors], None, out_dtype)
-            out = tensors[task.extra_from].to(out_dtype, copy=True)
+            merged = config.merge_tensors([t.narrow(dim, 0, common) for t in tensors], None, out_dtype, **kw)
+            out = cast_saturating(tensors[task.extra_from], out_dtype, saturated).clone()
             out.narrow(dim, 0, common).copy_(merged)
         else:
             base_tensor = base.load(task.key).to(device) if task.use_base else None
             in_place = out_buffer if device.type == "cpu" else None
-            out = config.merge_tensors(tensors, base_tensor, out_dtype, out=in_place)
+            out = config.merge_tensors(tensors, base_tensor, out_dtype, out=in_place, **kw)
     if out.is_floating_point() and not _all_finite(out):
         culprit = _first_nonfinite_input(task, models, base)
         if culprit:
             raise BadCheckpoint(f"{culprit}: tensor {task.key!r} contains NaN or Inf")
-        raise NonFiniteOutput(f"merged tensor {task.key!r} is not finite (overflow in {out_dtype}?); "
-                              f"try --dtype fp32")
+        raise NonFiniteOutput(f"merged tensor {task.key!r} is not finite (it overflows {out_dtype}); "
+                              f"choose fp32 as the output dtype")
     return out.cpu() if out.device.type != "cpu" else out
 
 
 @torch.no_grad()  # hosts hand in nn.Parameters; merging never needs autograd (grad mode is per thread)
-def _run_and_store(task: KeyTask, models, base, config, device, sink: Sink) -> None:
+def _run_and_store(task: KeyTask, models, base, config, device, sink: Sink, values=None,
+                   saturated: dict | None = None) -> None:
     try:
         out_buffer = sink.buffer(task.key) if task.action == "merge" else None
-        sink.put(task.key, _run_task(task, models, base, config, device, out_buffer), owned=task.action == "merge")
+        counts: list[int] = []
+        out = _run_task(task, models, base, config, device, out_buffer, values, counts)
+        if counts and saturated is not None and sum(counts):
+            saturated[task.key] = sum(counts)
+        sink.put(task.key, out, owned=task.action == "merge")
     finally:
         for src in list(models) + ([base] if base is not None else []):
             if task.key in src:
@@ -150,13 +175,13 @@ class _IntraOpThreads:
 
 
 def _execute(plan: MergePlan, models, base, config, device, sink: Sink, threads: int,
-             progress: ProgressCallback | None) -> None:
+             progress: ProgressCallback | None, per_key: dict | None = None, saturated: dict | None = None) -> None:
     with _IntraOpThreads(device, threads):
-        _execute_tasks(plan, models, base, config, device, sink, threads, progress)
+        _execute_tasks(plan, models, base, config, device, sink, threads, progress, per_key or {}, saturated)
 
 
 def _execute_tasks(plan: MergePlan, models, base, config, device, sink: Sink, threads: int,
-                   progress: ProgressCallback | None) -> None:
+                   progress: ProgressCallback | None, per_key: dict, saturated: dict | None) -> None:
     total = len(plan.tasks)
     tasks = iter(plan.tasks)
     done = 0
@@ -168,7 +193,8 @@ def _execute_tasks(plan: MergePlan, models, base, config, device, sink: Sink, th
             task = next(tasks, None)
             if task is None:
                 return False
-            fut = pool.submit(_run_and_store, task, models, base, config, device, sink)
+            fut = pool.submit(_run_and_store, task, models, base, config, device, sink, per_key.get(task.key),
+                              saturated)
             pending[fut] = task.key
             return True
 
@@ -207,26 +233,60 @@ def _hash_sources(sources: Sequence[ModelSource], results: dict, enabled: bool) 
     return thread
 
 
+LEGACY_PARAMS = ("weights", "t", "alpha", "multiplier", "karcher_iter", "karcher_tol")
+
+
+def method_values(method: str, params: Mapping | None = None, **legacy) -> tuple[Method, dict]:
+    """The registry entry for `method` and the parameter values given for it (the engine's older keyword
+    arguments included); a value for a parameter the method does not have is an error, never ignored."""
+    entry = registry.get(method)
+    values = dict(params or {})
+    for name, value in legacy.items():
+        if value is None:
+            continue
+        if name == "weights" and not any(p.name == "weights" for p in entry.params):
+            raise MergeError(f"weights do not apply to {entry.name}; it takes "
+                             f"{', '.join(p.flag for p in entry.params) or 'no parameters'}")
+        values[name] = value
+    for name in values:
+        if not any(p.name == name for p in entry.params):
+            flag = "--" + name.replace("_", "-")
+            takes = ", ".join(p.flag for p in entry.params) or "no parameters"
+            raise MergeError(f"{flag} does not apply to {entry.name} (it takes {takes})")
+    return entry, values
+
+
+def check_threads(threads) -> int:
+    if threads in (None, 0):
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
+        raise MergeError(f"threads must be a whole number from 1 to 256 (or 0 for automatic), got {threads!r}")
+    return threads
+
+
 def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float] | None = None,
-          t: float = 0.5, alpha: float = 0.5, multiplier: float = 0.5, base=None, device="cpu",
-          dtype: str = "auto", precision: str = "fp32", karcher_iter: int = 10, karcher_tol: float = 1e-5,
-          threads: int | None = None, strict: bool = False, force: bool = False, overwrite: bool = False,
-          copy_extra_files: bool = False, progress: ProgressCallback | None = None,
-          names: Sequence[str] | None = None, output_device="cpu", hash_inputs: bool = True,
-          max_shard_bytes: int = 5 * 1024 ** 3) -> MergeResult:
-    """Merge `models` (paths, state dicts or ModelSources) with `method`; see docs/API.md."""
+          t: float | None = None, alpha: float | None = None, multiplier: float | None = None, base=None,
+          device="cpu", dtype: str = "auto", precision: str = "fp32", karcher_iter: int | None = None,
+          karcher_tol: float | None = None, threads: int | None = None, strict: bool = False,
+          force: bool = False, overwrite: bool = False, copy_extra_files: bool = False,
+          progress: ProgressCallback | None = None, names: Sequence[str] | None = None, output_device="cpu",
+          hash_inputs: bool = True, max_shard_bytes: int = 5 * 1024 ** 3, params: Mapping | None = None,
+          blocks=None, overrides: Sequence[tuple[str, float]] = ()) -> MergeResult:
+    """Merge `models` (paths, state dicts or ModelSources) with `method`; see docs/API.md.
+
+    `params` holds the method's parameters by name (see `registry`); the keyword arguments weights, t,
+    alpha, multiplier, karcher_iter and karcher_tol are the same by their older names. `blocks` and
+    `overrides` make the method's block parameter vary per block / per key (keyparams.py)."""
     started = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise MergeError(f"unknown precision {precision!r} (fp32 or fp64)")
-    if dtype not in ("auto", "fp16", "bf16", "fp32"):
-        raise MergeError(f"unknown output dtype {dtype!r} (auto, fp16, bf16 or fp32)")
-    if base is not None and method not in BASE_METHODS:
-        raise MergeError(f"a base model only applies to {' and '.join(BASE_METHODS)}, not {method}")
-    try:
-        config = MethodConfig(method, len(models), tuple(weights) if weights is not None else None, t, alpha,
-                              multiplier, karcher_iter, karcher_tol, PRECISIONS[precision])
-    except ValueError as exc:
-        raise MergeError(str(exc)) from None
+    if dtype not in OUTPUT_DTYPES:
+        raise MergeError(f"unknown output dtype {dtype!r} ({', '.join(OUTPUT_DTYPES)})")
+    entry, values = method_values(method, params, weights=weights, t=t, alpha=alpha, multiplier=multiplier,
+                                  karcher_iter=karcher_iter, karcher_tol=karcher_tol)
+    method = entry.name
+    if base is not None and not entry.takes_base:
+        raise MergeError(f"a base model only applies to {' and '.join(registry.base_methods())}, not {method}")
+    config = entry.bind(len(models), values, precision)
+    threads = check_threads(threads)
     dev = resolve_device(device)
     out_dev = resolve_device(output_device)
     output_path = Path(output) if output is not None else None
@@ -235,11 +295,11 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
             raise MergeError(f"{output_path}: output must be .safetensors (or a folder name for sharded output)")
         if output_path.suffix.lower() == ".safetensors":
             check_output_path(output_path, overwrite)
-    threads = threads or default_threads()
 
     sources: list[ModelSource] = []
     base_source = None
     stale = []
+    saturated: dict[str, int] = {}
     try:
         for i, model in enumerate(models):
             name = names[i] if names is not None else (None if not isinstance(model, Mapping) else f"model{i + 1}")
@@ -253,13 +313,15 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
             if output_path.suffix.lower() != ".safetensors":
                 check_folder_output(output_path, input_paths, overwrite)
         plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
+        key_values = keyparams.resolve(config, [t.key for t in plan.tasks if t.action == "merge"],
+                                       plan.architecture, blocks, overrides)
         hashes: dict[str, str | None] = {}
         hash_files = hash_inputs and output_path is not None
         hasher = _hash_sources(sources + [base_source], hashes, hash_files)
 
         def metadata_with(digests: Mapping[str, str | None]) -> dict[str, str]:
             return build_metadata(
-                method=method, params=config.recipe_params(), names=[s.name for s in sources],
+                method=method, params={**config.recipe_params(), **key_values.recipe}, names=[s.name for s in sources],
                 hashes=[digests.get(s.name) for s in sources], coefficients=config.reported_weights(),
                 base_name=base_source.name if base_source else None,
                 base_hash=digests.get(base_source.name) if base_source else None,
@@ -273,7 +335,8 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
                     metadata=metadata_with(placeholder))
         try:
             sink.__enter__()
-            _execute(plan, sources, base_source, config, dev, sink, threads, progress)
+            _execute(plan, sources, base_source, config, dev, sink, threads, progress, key_values.per_key,
+                     saturated)
             if hasher is not None:
                 hasher.join()
             metadata = metadata_with(hashes)
@@ -299,6 +362,9 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         "keys_without_base": plan.no_base,
         "architectures": plan.architectures,
         "stale_temp_files": [entry.describe() for entry in stale],
+        "per_key_values": len(key_values.per_key),
+        "override_matches": key_values.override_counts,
+        "saturated": saturated,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return MergeResult(path=output_path, state_dict=sink.state_dict, architecture=plan.architecture,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..merge_core.compute import METHODS
+from ..merge_core import registry
 from .common import (CATEGORY, NONE, checkpoint_inputs, checkpoint_paths, collect, merge_state_dicts,
                      optional_inputs, parse_numbers, plain_file_name)
 
@@ -121,7 +121,7 @@ class ManifoldMergeCheckpoints:
     @classmethod
     def INPUT_TYPES(cls):
         required, optional = checkpoint_inputs()
-        return {"required": {**required, "method": (list(METHODS),),
+        return {"required": {**required, "method": (registry.method_names(),),
                              "weights": ("STRING", {"default": ""}),
                              "t": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
                              "alpha": ("FLOAT", {"default": 0.5, "min": 0.001, "max": 1.0, "step": 0.01}),
@@ -149,8 +149,10 @@ class ManifoldMergeCheckpoints:
         output = None
         if save_as.strip():  # beside the first input checkpoint
             output = os.path.join(os.path.dirname(paths[0]), plain_file_name(save_as, "save_as"))
-        result = merge(paths, method, output=output, weights=parse_numbers(weights, "weights"), t=t, alpha=alpha,
-                       multiplier=multiplier, device=bridge.torch_device(), progress=bridge.progress_callback())
+        raw = {"weights": parse_numbers(weights, "weights"), "t": t, "alpha": alpha, "multiplier": multiplier}
+        params = {p.name: raw[p.name] for p in registry.get(method).params if raw.get(p.name) is not None}
+        result = merge(paths, method, output=output, params=params, device=bridge.torch_device(),
+                       progress=bridge.progress_callback())
         if output is not None:
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
                 output, output_vae=True, output_clip=True,
