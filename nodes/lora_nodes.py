@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..merge_core.errors import MergeError
-from .common import CATEGORY, checkpoint_inputs, checkpoint_paths, parse_numbers, plain_file_name
+from .common import CATEGORY, checkpoint_inputs, checkpoint_paths, parse_numbers, plain_file_name, plain_name
 
 
 def _loras_dir() -> str:
     import folder_paths
     return folder_paths.get_folder_paths("loras")[0]
-
 
 def hyper_sets() -> dict[str, list[str]]:
     """Hyper sets in the loras folder: {NAME: [NAME_0-64.safetensors, ...] in index order}."""
@@ -27,7 +24,6 @@ def hyper_sets() -> dict[str, list[str]]:
         if head and index.isdigit() and rank.isdigit():
             sets.setdefault(head, []).append((int(index), rel))
     return {name: [rel for _, rel in sorted(files)] for name, files in sets.items()}
-
 
 class ManifoldMergeHyperMerge:
     """Checkpoints -> hyper checkpoint (into checkpoints) + LoRAs (into loras) + multipliers + report."""
@@ -53,24 +49,14 @@ class ManifoldMergeHyperMerge:
         paths = checkpoint_paths(kw)
         rank_list = [int(r) for r in (parse_numbers(ranks, "ranks") or [])]
         ckpt_dir = os.path.dirname(paths[0])  # the hyper checkpoint goes beside the first input
-        lora_dir = _loras_dir()
-        for target in [Path(ckpt_dir) / f"{name}_hyper.safetensors"] + [
-                Path(lora_dir) / f"{name}_{k}-{r}.safetensors" for k, r in enumerate(sorted(rank_list, reverse=True))]:
-            if target.exists():
-                raise MergeError(f"{target}: already exists; choose another name")
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir))
-        try:
-            result = run_hyper(HyperConfig(models=paths, name=name, out_dir=work, ranks=rank_list,
-                                           iterations=iterations, device=str(bridge.torch_device()), dtype=dtype,
-                                           floor=False, progress=bridge.progress_callback()))
-            os.replace(result.hyper_path, Path(ckpt_dir) / result.hyper_path.name)
-            for path in result.lora_paths + [result.multipliers_path, result.report_path]:
-                shutil.move(str(path), str(Path(lora_dir) / path.name))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        multipliers = (Path(lora_dir) / result.multipliers_path.name).read_text()
+        # run_hyper builds the whole set in a hidden temporary folder and places every file under the
+        # no-replace rule (nothing that exists is overwritten; a set is whole or absent).
+        result = run_hyper(HyperConfig(models=paths, name=plain_name(name, "name"), out_dir=ckpt_dir,
+                                       lora_dir=_loras_dir(), ranks=rank_list, iterations=iterations,
+                                       device=str(bridge.torch_device()), dtype=dtype, floor=False,
+                                       progress=bridge.progress_callback()))
+        multipliers = result.multipliers_path.read_text()
         return {"ui": {"text": [multipliers]}, "result": (multipliers, format_report(result.report))}
-
 
 class ManifoldMergeHyperLoraLoader:
     """Applies a hyper set's LoRAs at one source model's strengths (from the LoRA metadata) or manual ones."""
@@ -115,7 +101,6 @@ class ManifoldMergeHyperLoraLoader:
             model, clip = comfy.sd.load_lora_for_models(model, clip, sd, s, s)
         return (model, clip)
 
-
 class ManifoldMergeExtractLora:
     """MODEL (and CLIP) minus a base -> kohya LoRA in the loras folder (UNet and CLIP-L text encoder)."""
     CATEGORY = CATEGORY
@@ -150,7 +135,6 @@ class ManifoldMergeExtractLora:
         text = (f"wrote {out.name}: {info['modules']} modules, relative error over them "
                 f"{info['relative_error']:.4f}")
         return {"ui": {"text": [text]}, "result": (text,)}
-
 
 LORA_NODES = {"ManifoldMergeHyperMerge": ManifoldMergeHyperMerge,
               "ManifoldMergeHyperLoraLoader": ManifoldMergeHyperLoraLoader,

@@ -227,7 +227,8 @@ def test_hyper_merge_node_then_loader_node_rebuild_a_model(comfy):
                 assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), m.name
         assert "lora key not loaded" not in (base / "comfyui.log").read_text()
     finally:
-        for path in lora_files + [lora_dir / "e2ehyper_multipliers.txt", lora_dir / "e2ehyper_report.json"]:
+        ckpts = base / "checkpoints"
+        for path in lora_files + [ckpts / "e2ehyper_multipliers.txt", ckpts / "e2ehyper_report.json"]:
             path.unlink(missing_ok=True)
 
 
