@@ -48,6 +48,9 @@ class MergeRequest:
     name: str = ""
     dtype: str = "auto"
     device: str = "host"
+    blocks: str = ""       # block weights: one line (one line per model for a per-model parameter)
+    overrides: str = ""    # per-key overrides, one PATTERN=VALUE per line
+    extra: dict = field(default_factory=dict)  # values of parameters of methods added later, by name
 
     def params(self) -> dict:
         """The picked method's parameters (only those it has: the others' controls are hidden)."""
@@ -57,8 +60,31 @@ class MergeRequest:
             raise MergeError(f"{len(weights)} weights for {len(self.models)} models: give one per model, "
                              f"in the order they were picked")
         raw = {"weights": weights, "t": self.t, "alpha": self.alpha, "multiplier": self.multiplier,
-               "karcher_iter": self.karcher_iter, "karcher_tol": self.karcher_tol}
-        return {p.name: raw[p.name] for p in entry.params if raw.get(p.name) is not None}
+               "karcher_iter": self.karcher_iter, "karcher_tol": self.karcher_tol, **(self.extra or {})}
+        return {p.name: raw[p.name] for p in entry.params if raw.get(p.name) not in (None, "")}
+
+    def block_args(self) -> dict:
+        """`blocks` and `overrides` for the engine, from the two text boxes (empty: none)."""
+        from merge_core.blocks import parse_override
+        lines = [ln.strip() for ln in (self.blocks or "").splitlines() if ln.strip()]
+        out: dict = {}
+        if lines:
+            param = registry.get(self.method).block_param
+            if param is None:
+                raise MergeError(f"{registry.get(self.method).label} has no parameter that can vary per block; "
+                                 f"clear the block weights")
+            if param.per_model:
+                out["blocks"] = lines
+            elif len(lines) == 1:
+                out["blocks"] = lines[0]
+            else:
+                raise MergeError(f"block weights: {registry.get(self.method).label} takes one line of block "
+                                 f"values, got {len(lines)}")
+        overrides = [parse_override(ln.strip(), what="override") for ln in (self.overrides or "").splitlines()
+                     if ln.strip()]
+        if overrides:
+            out["overrides"] = overrides
+        return out
 
     def config(self) -> Bound:
         """The method and its parameters, validated exactly as the engine will."""
@@ -114,7 +140,8 @@ class MergeService:
         if req.dtype not in DTYPES:
             raise MergeError(f"unknown output dtype {req.dtype!r}")
         threads = self.host.settings().threads or None
-        return dict(params=req.params(), dtype=req.dtype, device=self.device(req.device), threads=threads)
+        return dict(params=req.params(), dtype=req.dtype, device=self.device(req.device), threads=threads,
+                    **req.block_args())
 
     def recipe_preview(self, req: MergeRequest) -> str:
         """The recipe that will go into the file's metadata (hashes are added when the files are read)."""
@@ -126,6 +153,8 @@ class MergeService:
             "inputs": [{"name": Path(without_hash(n)).stem} for n in req.models],
             "base": {"name": Path(without_hash(req.base_name())).stem} if req.base_name() else None,
             "normalized_weights": [round(c, 6) for c in cfg.reported_weights()] if cfg.reported_weights() else None,
+            **({"block_weights": [ln for ln in req.blocks.splitlines() if ln.strip()]} if req.blocks.strip() else {}),
+            **({"overrides": [ln for ln in req.overrides.splitlines() if ln.strip()]} if req.overrides.strip() else {}),
             "output_dtype": req.dtype,
             "output": f"{plain_name(req.name)}.safetensors" if req.name.strip() else None,
         }
@@ -183,6 +212,42 @@ class MergeService:
             self._kept = (self._recipe_key(req), result.state_dict, result.metadata)
             message += "; the weights stay in RAM, so Save writes them without merging again"
         return message + "."
+
+    def block_layout(self, models: list[str]) -> dict:
+        """The block editor's layout for the architecture of the first picked checkpoint (headers only)."""
+        from merge_core.arch import detect_architecture
+        from merge_core.blocks import BlockSpecError, architecture
+        from merge_core.io.sources import open_model
+        if not models:
+            return {"arch": None, "display": "", "blocks": [], "presets": [], "note": "Pick checkpoints first."}
+        path = self._paths([models[0]])[0]
+        with open_model(path) as src:
+            keys = src.keys()
+            arch_name = detect_architecture(src.specs())
+        try:
+            arch = architecture(arch_name)
+        except BlockSpecError:
+            return {"arch": None, "display": arch_name, "blocks": [], "presets": [],
+                    "note": f"{path.name}: no block map for this architecture ({arch_name})."}
+        if hasattr(arch, "sized"):
+            arch = arch.sized(keys)
+        return {"arch": arch.name, "display": arch.display, "blocks": list(arch.blocks),
+                "presets": list(arch.presets),
+                "note": f"{arch.display} ({len(arch.blocks)} blocks), from {path.name}."}
+
+    def preset_values(self, arch_name: str, preset_name: str) -> list[float]:
+        """A preset's value for every block of the list form, in order."""
+        from merge_core.blocks import architecture, preset
+        arch = architecture(arch_name)
+        table = preset(arch, preset_name).table()
+        return [float(table.get(b, 0.0)) for b in arch.blocks]
+
+    def row_values(self, arch_name: str, line: str) -> dict[str, float]:
+        """The blocks a line of block values sets (list or named form), by block name."""
+        from merge_core.blocks import architecture, parse_block_values
+        arch = architecture(arch_name)
+        table = parse_block_values(arch, line, what="block weights").table()
+        return {b: float(table[b]) for b in arch.blocks if b in table}
 
     def switch_to(self, title: str) -> str:
         if not title:
@@ -273,12 +338,26 @@ class _Job:
         return None
 
 
+def tab_words(message: str) -> str:
+    """A core message in the tab's words: the CLI's flag names become the tab's control labels."""
+    import re
+    labels = {"--blocks-file": "Block weights", "--blocks": "Block weights", "--override": "Overrides",
+              "--preset": "Block preset"}
+    for flag in registry.cli_flags():
+        method_name, param_name = flag.targets[0]
+        label = registry.get(method_name).param(param_name).label or param_name
+        for spelling in (flag.flag,) + flag.aliases:
+            labels.setdefault(spelling, label)
+    pattern = re.compile("|".join(re.escape(f) for f in sorted(labels, key=len, reverse=True)) + r"(?![\w-])")
+    return pattern.sub(lambda m: f"“{labels[m.group(0)]}”", message)
+
+
 def friendly(exc: BaseException) -> str:
     """The message shown in the tab for a failed action."""
     if isinstance(exc, MergeCancelled):
         return f"Cancelled: {exc}"
     if isinstance(exc, MergeError):
-        return f"Error: {exc}"
+        return f"Error: {tab_words(str(exc))}"
     if isinstance(exc, OSError):
         return f"Error: {exc.filename or ''} {exc.strerror or exc}".strip()
     return f"Error: {type(exc).__name__}: {exc}"

@@ -12,28 +12,69 @@ import traceback
 
 import gradio as gr
 
+from merge_core import registry
 from merge_core.errors import MergeError
+from merge_core.registry import Param
 
 from .service import (DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly,
                       without_hash)
 
 DEVICES = ("host", "auto", "cpu", "cuda")
-METHOD_HELP = """**karcher**: Riemannian mean of 2-100 models (weights optional) ·
-**slerp**: spherical interpolation of two models at *t* ·
-**sma / ema / wma**: simple, exponential (α) and weighted moving averages ·
-**weighted**: (1-m)·A + m·B · **add-difference**: A + m·(B - C).
-With a base model, Karcher and SLERP merge the differences from the base (task vectors)."""
+# The HTTP API's first positions stay as they were; parameters of methods added later follow `device`.
+LEGACY_ORDER = ("weights", "t", "alpha", "multiplier", "karcher_iter", "karcher_tol")
+MAX_BLOCK_SLIDERS = 26  # SD1/SD2's list form; SDXL shows 20; SD3/Flux (41/60 blocks) are edited as text
 
-# Which parameter controls each method shows (weights, t, alpha, multiplier, iterations+tolerance, base).
-VISIBLE = {
-    "karcher": (True, False, False, False, True, True),
-    "slerp": (False, True, False, False, False, True),
-    "sma": (False, False, False, False, False, False),
-    "ema": (False, False, True, False, False, False),
-    "wma": (True, False, False, False, False, False),
-    "weighted": (False, False, False, True, False, False),
-    "add-difference": (False, False, False, True, False, False),
-}
+
+def method_help() -> str:
+    lines = [f"**{m.name}**: {m.help}" for m in registry.all_methods()]
+    bases = " and ".join(registry.get(m).label for m in registry.base_methods())
+    return " · ".join(lines) + f". With a base model, {bases} merge the differences from the base (task vectors)."
+
+
+def method_params() -> list[Param]:
+    """One control per parameter name across all methods (first declaration wins), legacy ones first."""
+    seen: dict[str, Param] = {}
+    for method in registry.all_methods():
+        for p in method.params:
+            seen.setdefault(p.name, p)
+    legacy = [seen.pop(n) for n in LEGACY_ORDER if n in seen]
+    return legacy + list(seen.values())
+
+
+def merge_input_names() -> list[str]:
+    """The Merge tab's inputs in the order its events (and their HTTP API: /manifold_merge_save and
+    /manifold_merge_load) take them: the first twelve as before, then later methods' parameters, then the
+    block weights and the overrides."""
+    names = [p.name for p in method_params()]
+    legacy = [n for n in LEGACY_ORDER if n in names]
+    return ["method", "models"] + legacy + ["base", "name", "dtype", "device"] + \
+        [n for n in names if n not in LEGACY_ORDER] + ["blocks", "overrides"]
+
+
+def visible_params(method_name: str) -> set[str]:
+    try:
+        return {p.name for p in registry.get(method_name).params}
+    except MergeError:
+        return set()
+
+
+def _control(p: Param, visible: bool):
+    """The widget a parameter's declaration asks for."""
+    elem_id = f"manifold_merge_{p.name}"
+    label = p.label or p.name
+    if p.per_model:
+        return gr.Textbox(label=f"{label}, one per model in the order picked (empty = default)",
+                          placeholder="e.g. 1 1 2", visible=visible, elem_id=elem_id)
+    default = p.default if not callable(p.default) and p.default is not None else (p.minimum or 0)
+    lo = p.minimum if p.minimum is not None else -10.0
+    hi = p.maximum if p.maximum is not None else 10.0
+    if p.kind is int and hi - lo <= 200:
+        return gr.Slider(lo, hi, value=default, step=1, label=label, visible=visible, elem_id=elem_id)
+    if p.kind is float and hi - lo <= 20 and abs(default) >= 1e-3:
+        if p.min_open:
+            lo = lo + 0.01
+        return gr.Slider(lo, hi, value=default, step=0.01, label=label, visible=visible, elem_id=elem_id)
+    return gr.Number(value=default, label=label, visible=visible, elem_id=elem_id)
 
 
 def _frame(headers, rows):
@@ -83,22 +124,38 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     refresh = gr.Button("Refresh", elem_id="manifold_merge_refresh", scale=1)
                 method = gr.Radio(choices=list(METHOD_LABELS), value="karcher", label="Method",
                                   elem_id="manifold_merge_method")
-                gr.Markdown(METHOD_HELP)
+                gr.Markdown(method_help())
+                shown = visible_params("karcher")
+                params = method_params()
+                controls = {}
                 with gr.Row():
-                    weights = gr.Textbox(label="Weights, one per model in the order picked (empty = equal)",
-                                         placeholder="e.g. 1 1 2", elem_id="manifold_merge_weights")
-                    t = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="t (SLERP)", visible=False,
-                                  elem_id="manifold_merge_t")
-                    alpha = gr.Slider(0.01, 1.0, value=0.5, step=0.01, label="α (EMA)", visible=False,
-                                      elem_id="manifold_merge_alpha")
-                    multiplier = gr.Slider(-1.0, 2.0, value=0.5, step=0.01, label="Multiplier m", visible=False,
-                                           elem_id="manifold_merge_multiplier")
-                with gr.Row():
-                    karcher_iter = gr.Slider(0, 100, value=10, step=1, label="Karcher iterations",
-                                             elem_id="manifold_merge_karcher_iter")
-                    karcher_tol = gr.Number(value=1e-5, label="Karcher tolerance", elem_id="manifold_merge_karcher_tol")
-                    base = gr.Dropdown(choices=[NONE] + choices, value=NONE, label="Base model (task-vector mode)",
-                                       elem_id="manifold_merge_base")
+                    for p in params:
+                        controls[p.name] = _control(p, p.name in shown)
+                base = gr.Dropdown(choices=[NONE] + choices, value=NONE, label="Base model (task-vector mode)",
+                                   elem_id="manifold_merge_base")
+                with gr.Accordion("Block weights", open=False, elem_id="manifold_merge_blocks_section"):
+                    block_note = gr.Markdown("Pick checkpoints: the blocks follow the first one's architecture.",
+                                             elem_id="manifold_merge_blocks_note")
+                    block_arch = gr.State(None)
+                    with gr.Row():
+                        block_preset = gr.Dropdown(choices=[NONE], value=NONE, label="Preset",
+                                                   elem_id="manifold_merge_block_preset")
+                        block_row = gr.Dropdown(choices=["1"], value="1", visible=False,
+                                                label="Model row the sliders edit (Karcher/WMA: a weight per model "
+                                                      "per block)", elem_id="manifold_merge_block_row")
+                    sliders = []
+                    for row in range(0, MAX_BLOCK_SLIDERS, 13):
+                        with gr.Row():
+                            for i in range(row, min(row + 13, MAX_BLOCK_SLIDERS)):
+                                sliders.append(gr.Slider(0.0, 1.0, value=0.5, step=0.01, label=f"block {i}",
+                                                         visible=False, min_width=60,
+                                                         elem_id=f"manifold_merge_block_{i}"))
+                    blocks_text = gr.Textbox(label="Block values (one line; Karcher/WMA: one line per model): a "
+                                                   "comma list in the usual order, or named entries such as "
+                                                   "BASE:0, IN00-IN05:0.2, M00:1, OUT*:0.8 (empty = none)",
+                                             lines=2, elem_id="manifold_merge_blocks")
+                    overrides_text = gr.Textbox(label="Per-key overrides, one PATTERN=VALUE per line (e.g. attn2=0.3)",
+                                                lines=2, elem_id="manifold_merge_overrides")
                 with gr.Row():
                     name = gr.Textbox(label="Output name (saved as NAME.safetensors in the checkpoint folder)",
                                       elem_id="manifold_merge_name")
@@ -154,22 +211,124 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     metadata = gr.Code(language="json", label="Metadata", elem_id="manifold_merge_metadata")
 
         pickers = [models, base, hyper_models, inspect_models]
-        merge_inputs = [method, models, weights, t, alpha, multiplier, karcher_iter, karcher_tol, base, name, dtype,
-                        device]
+        legacy = [controls[n] for n in LEGACY_ORDER if n in controls]
+        later = [controls[p.name] for p in params if p.name not in LEGACY_ORDER]
+        merge_inputs = [method, models] + legacy + [base, name, dtype, device] + later + [blocks_text,
+                                                                                        overrides_text]
+        names_in_order = [n for n in LEGACY_ORDER if n in controls] + \
+            [p.name for p in params if p.name not in LEGACY_ORDER]
 
         def request(*values) -> MergeRequest:
-            m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev = values
-            return MergeRequest(method=m, models=list(chosen or []), weights=w or "", t=t_, alpha=a,
-                                multiplier=mult, karcher_iter=int(it), karcher_tol=float(tol), base=b or NONE,
-                                name=n or "", dtype=dt, device=dev)
+            m, chosen = values[0], values[1]
+            n_legacy = len(legacy)
+            b, n, dt, dev = values[2 + n_legacy:6 + n_legacy]
+            raw = dict(zip(names_in_order, values[2:2 + n_legacy] + values[6 + n_legacy:6 + n_legacy + len(later)]))
+            blocks_value, overrides_value = values[-2], values[-1]
+            known = {k: raw.pop(k) for k in LEGACY_ORDER if k in raw}
+            if "weights" in known:
+                known["weights"] = known["weights"] or ""
+            for k in ("karcher_iter",):
+                if k in known and known[k] is not None:
+                    known[k] = int(known[k])
+            return MergeRequest(method=m, models=list(chosen or []), base=b or NONE, name=n or "", dtype=dt,
+                                device=dev, blocks=blocks_value or "", overrides=overrides_value or "",
+                                extra=raw, **known)
 
         # ---- Merge events
-        def on_method(m):
-            return [gr.update(visible=v) for v in VISIBLE.get(m, VISIBLE["karcher"])]
+        param_controls = [controls[n] for n in names_in_order]
 
-        method.change(on_method, method, [weights, t, alpha, multiplier, karcher_iter, base], queue=False)
-        # karcher_tol follows karcher_iter's visibility
-        method.change(lambda m: gr.update(visible=m == "karcher"), method, karcher_tol, queue=False)
+        def on_method(m, chosen):
+            shown = visible_params(m)
+            entry_takes_base = m in registry.base_methods()
+            block_param = registry.get(m).block_param if shown or m in registry.method_names() else None
+            per_model = bool(block_param and block_param.per_model)
+            rows = [str(i + 1) for i in range(max(1, len(chosen or [])))]
+            return [gr.update(visible=n in shown) for n in names_in_order] + \
+                [gr.update(visible=entry_takes_base), gr.update(visible=per_model, choices=rows, value=rows[0])]
+
+        method.change(on_method, [method, models], param_controls + [base, block_row], queue=False)
+
+        def lines_of(text: str, count: int) -> list[str]:
+            lines = (text or "").splitlines()
+            return lines + [""] * (count - len(lines))
+
+        def on_models_for_blocks(chosen, m):
+            try:
+                layout = service.block_layout(list(chosen or []))
+            except Exception as exc:  # noqa: BLE001  (shown in the tab)
+                return [None, _error(exc), gr.update()] + [gr.update(visible=False) for _ in sliders] + [gr.update()]
+            blocks_list = layout["blocks"]
+            show = len(blocks_list) <= MAX_BLOCK_SLIDERS
+            note = layout["note"] + ("" if show or not blocks_list else " Edit its blocks in the text box.")
+            slider_updates = [gr.update(visible=show and i < len(blocks_list),
+                                        label=blocks_list[i] if i < len(blocks_list) else f"block {i}")
+                              for i in range(MAX_BLOCK_SLIDERS)]
+            rows = [str(i + 1) for i in range(max(1, len(chosen or [])))]
+            return [layout["arch"], note, gr.update(choices=[NONE] + layout["presets"], value=NONE)] + \
+                slider_updates + [gr.update(choices=rows, value=rows[0])]
+
+        models.change(on_models_for_blocks, [models, method],
+                      [block_arch, block_note, block_preset] + sliders + [block_row], queue=False)
+
+        def row_index(m, row) -> int | None:
+            param = registry.get(m).block_param
+            return int(row) - 1 if param is not None and param.per_model else None
+
+        def on_preset(arch, preset_name, m, chosen, row, text):
+            if not arch or preset_name in (None, NONE):
+                return [gr.update() for _ in sliders] + [gr.update()]
+            values = service.preset_values(arch, preset_name)
+            line = ",".join(f"{v:g}" for v in values)
+            index = row_index(m, row)
+            if index is None:
+                new_text = line
+            else:
+                lines = lines_of(text, max(len(chosen or []), index + 1))
+                lines[index] = line
+                new_text = "\n".join(lines)
+            return [gr.update(value=values[i]) if i < len(values) else gr.update() for i in range(len(sliders))] + \
+                [new_text]
+
+        block_preset.change(on_preset, [block_arch, block_preset, method, models, block_row, blocks_text],
+                            sliders + [blocks_text], queue=False)
+
+        def on_slider(arch, m, chosen, row, text, *values):
+            """A moved slider rewrites its row as the full list, in the usual order (round trip)."""
+            if not arch:
+                return gr.update()
+            count = len(service.block_layout(list(chosen or []))["blocks"]) if chosen else 0
+            line = ",".join(f"{float(v):g}" for v in values[:count])
+            index = row_index(m, row)
+            if index is None:
+                return line
+            lines = lines_of(text, max(len(chosen or []), index + 1))
+            lines[index] = line
+            return "\n".join(lines)
+
+        for slider in sliders:
+            slider.release(on_slider, [block_arch, method, models, block_row, blocks_text] + sliders, blocks_text,
+                           queue=False)
+
+        def on_text(arch, m, row, text):
+            """Typed values (list or named form) move the sliders they set; others stay."""
+            if not arch:
+                return [gr.update() for _ in sliders] + [gr.update()]
+            index = row_index(m, row) or 0
+            lines = (text or "").splitlines()
+            line = lines[index] if index < len(lines) else ""
+            if not line.strip():
+                return [gr.update() for _ in sliders] + [gr.update()]
+            try:
+                values = service.row_values(arch, line)
+            except MergeError as exc:
+                return [gr.update() for _ in sliders] + [_error(exc)]
+            from merge_core.blocks import architecture
+            order = list(architecture(arch).blocks)
+            return [gr.update(value=values[order[i]]) if i < len(order) and order[i] in values else gr.update()
+                    for i in range(len(sliders))] + [gr.update()]
+
+        blocks_text.blur(on_text, [block_arch, method, block_row, blocks_text], sliders + [block_note], queue=False)
+        block_row.change(on_text, [block_arch, method, block_row, blocks_text], sliders + [block_note], queue=False)
 
         def on_preview(*values):
             try:
@@ -185,21 +344,20 @@ def build_tab(service: MergeService) -> gr.Blocks:
 
         refresh.click(on_refresh, pickers, pickers, api_name="manifold_merge_refresh")
 
-        def on_save(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev, progress=gr.Progress()):
+        def on_save(progress=gr.Progress(), *values):  # gradio puts the tracker at its position: first
             try:
-                message, title = service.save(request(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev),
-                                              _ui_progress(progress))
+                req = request(*values)
+                message, title = service.save(req, _ui_progress(progress))
             except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
                 return (_error(exc), "", gr.update(visible=False)) + tuple(gr.update() for _ in pickers)
             return (message, title, gr.update(visible=service.host.can_switch)) + \
-                choice_updates(models=chosen or [], base=b)
+                choice_updates(models=req.models, base=req.base)
 
         save.click(on_save, merge_inputs, [status, saved_title, switch] + pickers, api_name="manifold_merge_save")
 
-        def on_load(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev, progress=gr.Progress()):
+        def on_load(progress=gr.Progress(), *values):
             try:
-                return service.merge_and_load(request(m, chosen, w, t_, a, mult, it, tol, b, n, dt, dev),
-                                              _ui_progress(progress))
+                return service.merge_and_load(request(*values), _ui_progress(progress))
             except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
                 return _error(exc)
 

@@ -154,3 +154,45 @@ def test_bad_input_shows_the_error_and_writes_nothing(app, browser, name, messag
     assert _listing(folder.parent) == before
     assert (folder / "demo_model_1.safetensors").stat().st_size > 1000  # the input is untouched
     page.close()
+
+
+def test_block_weights_preset_and_one_slider_then_save_equals_the_cli(app, browser, tmp_path):
+    """Pick a preset, move one block's slider, Save: the file equals the CLI's with the block values the
+    text box shows (the sliders and the comma list round-trip)."""
+    from merge_core.cli import main
+    url, folder = app
+    page = _open(browser, url)
+    _pick(page, DEMO[:2])
+    page.locator("#manifold_merge_method").get_by_text("slerp", exact=True).click()
+    page.locator("#manifold_merge_blocks_section").get_by_text("Block weights").first.click()
+    expect(page.locator("#manifold_merge_blocks_note")).to_contain_text("SD1.x (26 blocks)", timeout=30_000)
+    expect(page.locator("#manifold_merge_block_25")).to_be_visible()
+    page.click("#manifold_merge_block_preset input")
+    page.click('#manifold_merge_block_preset li[aria-label="grad_in_out"]')
+    page.keyboard.press("Escape")
+    text = page.locator("#manifold_merge_blocks textarea")
+    expect(text).not_to_have_value("", timeout=30_000)
+    preset_line = text.input_value()
+    assert len(preset_line.split(",")) == 26
+    # move IN03's slider (the 5th) with a click on its track: a user's drag, ending in a release
+    slider = page.locator("#manifold_merge_block_4 input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 2)
+    expect(text).not_to_have_value(preset_line, timeout=30_000)
+    line = text.input_value()
+    values = [float(v) for v in line.split(",")]
+    expected_values = [float(v) for v in preset_line.split(",")]
+    assert values[4] != expected_values[4] and values[4] > 0.7
+    assert values[:4] + values[5:] == expected_values[:4] + expected_values[5:]
+    page.fill("#manifold_merge_name textarea", "browser_blocks")
+    page.click("#manifold_merge_save")
+    expect(page.locator("#manifold_merge_status")).to_contain_text("Saved browser_blocks.safetensors",
+                                                                   timeout=180_000)
+    cli_out = tmp_path / "cli_blocks.safetensors"
+    assert main(["merge", "--models", *[str(folder / n) for n in DEMO[:2]], "--method", "slerp", "--blocks", line,
+                 "--output", str(cli_out), "-q"]) == 0
+    with open_model(folder / "browser_blocks.safetensors") as ours, open_model(cli_out) as cli:
+        assert set(ours.keys()) == set(cli.keys())
+        for key in cli.keys():
+            assert torch.equal(ours.load(key), cli.load(key)), key
+    page.close()

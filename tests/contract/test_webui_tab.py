@@ -357,6 +357,17 @@ def _render_like_a1111(tabs):
     return demo
 
 
+def _merge_args(**given) -> list:
+    """Positional arguments for /manifold_merge_save and /manifold_merge_load, by name (the list of the
+    tab's inputs is generated from the method registry, so it grows when a method is added)."""
+    from manifold_webui.ui import method_params, merge_input_names
+    defaults = {p.name: (p.default if not callable(p.default) and p.default is not None else
+                         ("" if p.per_model else 0)) for p in method_params()}
+    defaults.update(weights="", base="(none)", dtype="auto", device="host", blocks="", overrides="")
+    defaults.update(given)
+    return [defaults[n] for n in merge_input_names()]
+
+
 @contextlib.contextmanager
 def _served(webui):
     """The tab rendered like A1111 does, served on 127.0.0.1 with the queue on; yields a gradio_client."""
@@ -374,7 +385,7 @@ def _served(webui):
 def test_tab_events_over_http_with_gradio_client(webui, demo_models):
     """The real gradio server and client: Save, an error, and Inspect through the tab's events."""
     with _served(webui) as client:
-        args = ["wma", _titles(webui), "3 2 1", 0.5, 0.5, 0.5, 10, 1e-5, "(none)", "over_http", "auto", "host"]
+        args = _merge_args(method="wma", models=_titles(webui), weights="3 2 1", name="over_http")
         result = client.predict(*args, api_name="/manifold_merge_save")
         assert result[0].startswith("Saved over_http.safetensors"), result[0]
         _assert_same_tensors(_read(webui.ckpt_dir / "over_http.safetensors"),
@@ -386,6 +397,32 @@ def test_tab_events_over_http_with_gradio_client(webui, demo_models):
         result = client.predict(_titles(webui), "4 2", 1, "http_hyper", "fp16", api_name="/manifold_merge_hyper")
         assert result[0].startswith("Wrote http_hyper_hyper.safetensors"), result[0]
         assert result[1].count("<lora:http_hyper_1-2:") == 3
+
+
+def test_block_weights_over_http_equal_the_cli_and_errors_use_the_tabs_words(webui, demo_models, tmp_path):
+    """Block values and per-key overrides typed into the tab give the CLI's file; a bad block or parameter is
+    an error in the tab's words (its labels, never a CLI flag) and writes nothing."""
+    from merge_core.cli import main
+    blocks = "BASE:0, IN00-IN05:0.2, M00:1, OUT*:0.8"
+    with _served(webui) as client:
+        args = _merge_args(method="slerp", models=_titles(webui, NAMES[:2]), t=0.3, name="bw_http", blocks=blocks,
+                           overrides="attn2=0.3")
+        result = client.predict(*args, api_name="/manifold_merge_save")
+        assert result[0].startswith("Saved bw_http.safetensors"), result[0]
+        cli_out = tmp_path / "bw_cli.safetensors"
+        assert main(["merge", "--models", *map(str, demo_models[:2]), "--method", "slerp", "--t", "0.3",
+                     "--blocks", blocks, "--override", "attn2=0.3", "--output", str(cli_out), "-q"]) == 0
+        _assert_same_tensors(_read(webui.ckpt_dir / "bw_http.safetensors"), _read(cli_out))
+        before = sorted(p.name for p in webui.ckpt_dir.iterdir())
+        for bad_blocks, bad_tol, message in [("IN12:1", 1e-5, "IN12 is not an SD1.x block"),
+                                             (",".join(["0.5"] * 20), 1e-5, "SDXL"),
+                                             ("", float("nan"), "“Karcher tolerance” must be in (0, 1], got nan")]:
+            bad = _merge_args(method="karcher", models=_titles(webui), karcher_tol=bad_tol, name="bw_bad",
+                              blocks="\n".join([bad_blocks] * 3) if bad_blocks else "")
+            result = client.predict(*bad, api_name="/manifold_merge_save")
+            assert result[0].startswith("Error:") and message in result[0], result[0]
+            assert "--" not in result[0]
+        assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before
 
 
 SECRET = "outside-secret-metadata"

@@ -199,3 +199,31 @@ def test_links_the_user_put_into_the_folder_are_listed_and_accepted(tree):
 def test_shown_names_are_one_quoted_line():
     assert shown("a\0b\nc") == '"a\\x00b\\nc"'
     assert shown(None) == "None" and shown("x" * 500).endswith('..."') and len(shown("x" * 500)) < 170
+
+
+def test_block_editor_layout_presets_and_per_model_rows_save_like_the_engine(tmp_path):
+    """The tab's block editor: the first model's architecture gives the sliders; a preset gives one value
+    per block in the usual order; Karcher's one row per model saves the engine's file."""
+    from merge_core.demo import write_demo_models
+    from merge_core.engine import merge
+    from merge_core.io import open_model
+    folder = tmp_path / "models"
+    paths = write_demo_models(folder)
+    service = MergeService(Host(folder))
+    names = [p.name for p in paths]
+    layout = service.block_layout(names)
+    assert layout["arch"] == "sd1" and len(layout["blocks"]) == 26 and layout["blocks"][0] == "BASE"
+    assert "grad_in_out" in layout["presets"]
+    ramp = service.preset_values("sd1", "grad_in_out")
+    assert len(ramp) == 26 and ramp[1:] == sorted(ramp[1:]) and ramp[-1] == 1.0 and 0 <= min(ramp[1:]) and max(ramp) <= 1
+    assert service.row_values("sd1", "BASE:0, M00:1") == {"BASE": 0.0, "M00": 1.0}
+    rows = "BASE:1, OUT*:2\nBASE:1\nBASE:0, IN*:1"
+    req = MergeRequest(method="karcher", models=names, name="rows", blocks=rows, overrides="")
+    message, _ = service.save(req)
+    expected = merge(paths, "karcher", blocks=rows.splitlines()).state_dict
+    with open_model(folder / "rows.safetensors") as src:
+        for key, value in expected.items():
+            assert torch.equal(src.load(key), value), key
+    with pytest.raises(MergeError, match="has no parameter that can vary per block"):
+        service.save(MergeRequest(method="sma", models=names, name="x", blocks="BASE:0"))
+    assert not (folder / "x.safetensors").exists()
