@@ -35,14 +35,23 @@ def _number_list(values: list[str], flag: str, cast=float) -> list:
 
 def add_merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge checkpoints",
-                       description="Merge checkpoints. Method parameters are listed per method; a parameter "
-                                   "that does not apply to the chosen method is an error.")
-    p.add_argument("--models", nargs="+", required=True,
+                       usage="%(prog)s (--models A B [C ...] --output OUT | INPUT_DIR OUTPUT) [options]",
+                       description="Merge checkpoints, given as --models ... --output OUT (default method "
+                                   "karcher), or as INPUT_DIR OUTPUT like the SMA/EMA/WMA merger (every "
+                                   "*.safetensors in INPUT_DIR, natural order; default method sma). Method "
+                                   "parameters are listed per method; a parameter that does not apply to the "
+                                   "chosen method is an error.")
+    p.add_argument("input_dir", nargs="?", metavar="INPUT_DIR",
+                   help="positional form: a folder whose *.safetensors are merged in natural sort order "
+                        "(default method sma)")
+    p.add_argument("output_file", nargs="?", metavar="OUTPUT", help="positional form: the output")
+    p.add_argument("--models", nargs="+",
                    help="checkpoint files, HF-style model folders, or one folder whose *.safetensors are taken "
                         "in natural sort order")
-    p.add_argument("--method", default="karcher", type=str.lower,
-                   help=f"one of {', '.join(registry.method_names())} (default karcher)")
-    p.add_argument("--output", required=True, help="output .safetensors file (or a folder name for sharded output)")
+    p.add_argument("--method", default=None, type=str.lower,
+                   help=f"one of {', '.join(registry.method_names())} (default karcher with --models, sma in "
+                        f"the INPUT_DIR OUTPUT form)")
+    p.add_argument("--output", help="output .safetensors file (or a folder name for sharded output)")
     for flag in registry.cli_flags():  # generated from the method registry
         if flag.per_model:
             p.add_argument(flag.flag, *flag.aliases, dest=f"param:{flag.flag}", nargs="+", default=argparse.SUPPRESS,
@@ -60,6 +69,11 @@ def add_merge_parser(sub) -> None:
     blocks.add_argument("--override", action="append", default=[], metavar="PATTERN=VALUE",
                         help="per-key value on top of the blocks, for keys matching PATTERN (repeatable)")
     p.add_argument("--base", help="karcher/slerp: merge differences from this base model and add it back")
+    edits = p.add_argument_group("what goes into the output (like A1111's Checkpoint Merger)")
+    edits.add_argument("--vae", metavar="FILE", help="bake in this VAE (its weights replace the merged VAE)")
+    edits.add_argument("--discard", metavar="REGEX", help="leave out the weights whose key matches REGEX")
+    edits.add_argument("--drop-ema", action="store_true",
+                       help="leave out EMA weights (model_ema.*) and other training leftovers")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or auto (cuda if available)")
     p.add_argument("--dtype", default="auto", choices=OUTPUT_DTYPES,
                    help="output dtype of float tensors (auto: as in the first model; fp8: values beyond the range "
@@ -70,8 +84,15 @@ def add_merge_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="merge different architectures on their common keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     p.add_argument("--copy-extra-files", action="store_true",
-                   help="copy the first model's non-weight files (configs, tokenizer) beside the output")
+                   help="copy the first model's non-weight files beside the output (a folder output of model "
+                        "folders always gets config.json, generation_config.json and the tokenizer)")
     p.add_argument("--no-hash", action="store_true", help="skip sha256 of the inputs for the recipe")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="run a recipe (YAML/JSON, or a merge output's embedded recipe): inputs, steps over inputs "
+                        "and earlier steps, output; key by key, no intermediate files (docs/recipes.md). Takes "
+                        "--output, --overwrite, --threads, --device, --no-hash, --ignore-hashes, --quiet")
+    p.add_argument("--ignore-hashes", action="store_true",
+                   help="with --recipe: merge even if an input's sha256 differs from the one the recipe records")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_merge)
 
@@ -132,9 +153,32 @@ def progress_bar(quiet: bool):
     return update, close
 
 
+def merge_form(args) -> tuple[list[str], str, str]:
+    """(model arguments, output, method) from either form: `--models ... --output OUT` (default karcher)
+    or the SMA/EMA/WMA merger's `INPUT_DIR OUTPUT` (default sma)."""
+    positional = [x for x in (args.input_dir, args.output_file) if x is not None]
+    if positional and (args.models or args.output):
+        raise MergeError("give the inputs one way: --models ... --output OUT, or INPUT_DIR OUTPUT (not both)")
+    if positional:
+        if len(positional) != 2:
+            raise MergeError(f"the positional form is INPUT_DIR OUTPUT; got only {positional[0]!r}")
+        if not Path(positional[0]).is_dir():
+            raise MergeError(f"{positional[0]}: INPUT_DIR must be a folder of .safetensors files")
+        return [positional[0]], positional[1], args.method or "sma"
+    if not args.models or not args.output:
+        raise MergeError(f"{'--output' if args.models else '--models'} is missing: give --models A B ... "
+                         f"--output OUT, or INPUT_DIR OUTPUT")
+    return list(args.models), args.output, args.method or "karcher"
+
+
 def cmd_merge(args) -> int:
+    if getattr(args, "recipe", None):
+        return cmd_merge_recipe(args)
+    if getattr(args, "ignore_hashes", False):
+        raise MergeError("--ignore-hashes applies to --recipe only")
     from .engine import merge
     from .io.sources import expand_model_args
+    args.models, args.output, args.method = merge_form(args)
     models = expand_model_args(args.models)
     if len(args.models) == 1 and len(models) > 1 and not args.quiet:
         print(f"models from {args.models[0]} (natural order):")
@@ -149,11 +193,69 @@ def cmd_merge(args) -> int:
         result = merge(models, args.method, output=args.output, params=params, base=args.base, device=args.device,
                        dtype=args.dtype, precision=args.precision, threads=args.threads, strict=args.strict,
                        force=args.force, overwrite=args.overwrite, copy_extra_files=args.copy_extra_files,
-                       progress=update, hash_inputs=not args.no_hash, blocks=blocks, overrides=overrides)
+                       progress=update, hash_inputs=not args.no_hash, blocks=blocks, overrides=overrides,
+                       vae=args.vae, discard=args.discard, drop_ema=args.drop_ema)
     finally:
         close()
     if not args.quiet:
         print(format_summary(result))
+    return 0
+
+
+RECIPE_ONLY_OPTIONS = ("output", "overwrite", "threads", "device", "no_hash", "ignore_hashes", "quiet", "recipe")
+
+
+def cmd_merge_recipe(args) -> int:
+    """merge --recipe FILE: the recipe names the inputs, steps and parameters; the command line only where
+    and how to run it."""
+    from .chain import run_recipe
+    defaults = {"input_dir": None, "output_file": None, "models": None, "method": None, "blocks": None,
+                "preset": None, "blocks_file": None, "override": [], "base": None, "dtype": "auto",
+                "precision": "fp32", "strict": False, "force": False, "copy_extra_files": False}
+    given = [name for name, default in defaults.items() if getattr(args, name, default) not in (default, None, [])]
+    given += [name.split(":", 1)[1] for name in vars(args) if name.startswith("param:")]
+    if given:
+        flag = given[0] if given[0].startswith("-") else "--" + given[0].replace("_", "-")
+        raise MergeError(f"{flag} does not go with --recipe: the recipe names the inputs, methods and their "
+                         f"parameters (only {', '.join('--' + o.replace('_', '-') for o in RECIPE_ONLY_OPTIONS[:-1])} "
+                         f"apply)")
+    update, close = progress_bar(args.quiet)
+    try:
+        result = run_recipe(args.recipe, progress=update, output=args.output, overwrite=args.overwrite,
+                            ignore_hashes=args.ignore_hashes, threads=args.threads, device=args.device,
+                            hash_inputs=not args.no_hash)
+    finally:
+        close()
+    if not args.quiet:
+        for line in result.summary.get("warnings") or ():
+            print(f"warning: {line}", file=sys.stderr)
+        steps = result.summary.get("steps") or []
+        print(format_summary(result) if len(steps) <= 1 else format_chain_summary(result))
+    return 0
+
+
+def format_chain_summary(result) -> str:
+    s = result.summary
+    lines = [f"note: {line}" for line in s.get("stale_temp_files", [])]
+    lines.append(f"wrote {result.path} ({s['keys']} tensors: {s['merged']} merged, {s['copied']} copied) in "
+                 f"{s['seconds']:.2f} s; architecture {result.architecture}; recipe of {len(s['steps'])} steps "
+                 f"({', '.join(s['steps'])})")
+    if s["missing_keys"]:
+        lines.append(f"{len(s['missing_keys'])} keys not in every model of a step (copied from those that have them)")
+    for k, v in list(s["partial_shape_keys"].items()) + list(s["forced_copies"].items()):
+        lines.append(f"{k}: {v}")
+    if s.get("per_key_values"):
+        lines.append(f"block weights / overrides: {s['per_key_values']} step keys merged with their own values")
+    if s.get("saturated"):
+        lines.append(f"fp8: {sum(s['saturated'].values())} values beyond the range were saturated")
+    return "\n".join(lines)
+
+
+def cmd_recipe(args) -> int:
+    from .chain import embedded_recipe, format_recipe, runnable_recipe
+    data = embedded_recipe(args.file)
+    print(format_recipe(runnable_recipe(data, args.output if args.output else Path(args.file).resolve()),
+                        as_json=args.json), end="")
     return 0
 
 
@@ -176,6 +278,16 @@ def format_summary(result) -> str:
         lines.append(f"block weights / overrides: {s['per_key_values']} keys merged with their own values")
     for pattern, count in (s.get("override_matches") or {}).items():
         lines.append(f"override {pattern}: {count} keys")
+    for entry in s.get("extra_files") or ():
+        lines.append(f"copied {entry['file']} from {entry['from']}" + (f" ({entry['note']})" if entry.get("note") else ""))
+    for entry in s.get("extra_files_skipped") or ():
+        lines.append(f"not copied: {entry}")
+    if s.get("baked_vae"):
+        lines.append(f"baked in the VAE {s['baked_vae']['file']} ({s['baked_vae']['keys']} tensors)")
+    if s.get("discarded"):
+        lines.append(f"discarded {len(s['discarded'])} weights matching the pattern")
+    if s.get("dropped_ema"):
+        lines.append(f"dropped {len(s['dropped_ema'])} EMA weights")
     if s.get("saturated"):
         total = sum(s["saturated"].values())
         lines.append(f"fp8: {total} values beyond the range were saturated, in {len(s['saturated'])} tensors")
@@ -248,11 +360,47 @@ def cmd_app(args) -> int:
     return main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """One short line for a mistyped command, flag or choice (with "did you mean"), not a usage dump."""
+
+    def error(self, message):
+        import difflib
+        import re
+        hint = ""
+        wrong = re.search(r"unrecognized arguments: (\S+)", message)
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:
+            flags = {o for parser in _all_parsers(self) for a in parser._actions for o in a.option_strings}
+            close = difflib.get_close_matches(wrong.group(1).split("=")[0], sorted(flags), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+        elif choice:
+            options = [c.strip(" '") for c in choice.group(2).split(",")]
+            close = difflib.get_close_matches(choice.group(1).lower(), options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            message = f"invalid choice {choice.group(1)!r}"
+        self.exit(2, f"error: {message}{hint} (see `{self.prog} --help`)\n")
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m merge_core", description="Manifold Merge: merge SD checkpoints")
+    parser = _Parser(prog="python -m merge_core", description="Manifold Merge: merge SD checkpoints")
     parser.add_argument("--version", action="version", version=f"manifold-merge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_merge_parser(sub)
+    p = sub.add_parser("recipe", help="print the recipe a merge output carries, as a file merge --recipe runs",
+                       description="Print the recipe embedded in a merge output as YAML (or JSON) that "
+                                   "`merge --recipe FILE` runs again; the inputs' sha256 are checked then.")
+    p.add_argument("file", help="a .safetensors file written by Manifold Merge")
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.add_argument("--output", help="the output path written into the printed recipe (default: FILE itself)")
+    p.set_defaults(func=cmd_recipe)
     p = sub.add_parser("inspect", help="architecture, dtypes, size, hash and metadata of checkpoints")
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true")

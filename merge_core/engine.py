@@ -23,9 +23,11 @@ import torch
 from . import keyparams, registry
 from .methods import FP8_DTYPES, cast_saturating
 from .registry import Bound, Method
+from .edits import apply_edits
+from .lora.format import describe_lora
 from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
 from .io.hashing import file_sha256
-from .io.atomic import sweep_stale
+from .io.atomic import make_parents, remove_created, sweep_stale
 from .io.safetensors_file import check_output_path
 from .io.sources import ModelSource, open_model
 from .plan import OUTPUT_DTYPES, KeyTask, MergePlan, build_plan
@@ -114,7 +116,7 @@ def _run_task(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | 
               saturated: list | None = None) -> torch.Tensor:
     out_dtype = task.out_spec.dtype
     if task.action == "copy":
-        tensor = models[task.sources[0]].load(task.key)
+        tensor = models[task.sources[0]].load(task.source_key or task.key)
         out = cast_saturating(tensor, out_dtype, saturated) if tensor.is_floating_point() else tensor
     else:
         tensors = [models[i].load(task.key).to(device) for i in task.sources]
@@ -151,6 +153,8 @@ def _run_and_store(task: KeyTask, models, base, config, device, sink: Sink, valu
         for src in list(models) + ([base] if base is not None else []):
             if task.key in src:
                 src.release(task.key)
+        if task.source_key is not None:
+            models[task.sources[0]].release(task.source_key)
 
 
 class _IntraOpThreads:
@@ -256,6 +260,22 @@ def method_values(method: str, params: Mapping | None = None, **legacy) -> tuple
     return entry, values
 
 
+def _abs_path(source: ModelSource) -> str | None:
+    """Where an input lives, for the runnable recipe (None for an in-memory state dict)."""
+    return os.path.abspath(source.path) if source.path is not None else None
+
+
+def refuse_loras(sources: Sequence[ModelSource]) -> None:
+    """A LoRA is not a checkpoint: merging one with checkpoints is an error, --force or not (it would
+    silently copy the first model)."""
+    for src in sources:
+        info = describe_lora(src.specs())
+        if info is not None:
+            raise BadCheckpoint(f"{src.name}: is a {info['kind']} ({info['modules']} modules, rank "
+                                f"{'/'.join(map(str, info['ranks'])) or '?'}), not a checkpoint; load it as a LoRA "
+                                f"in your UI, or merge it into a checkpoint with a LoRA tool")
+
+
 def check_threads(threads) -> int:
     if threads in (None, 0):
         return default_threads()
@@ -271,12 +291,15 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
           force: bool = False, overwrite: bool = False, copy_extra_files: bool = False,
           progress: ProgressCallback | None = None, names: Sequence[str] | None = None, output_device="cpu",
           hash_inputs: bool = True, max_shard_bytes: int = 5 * 1024 ** 3, params: Mapping | None = None,
-          blocks=None, overrides: Sequence[tuple[str, float]] = ()) -> MergeResult:
+          blocks=None, overrides: Sequence[tuple[str, float]] = (), vae=None, discard: str | None = None,
+          drop_ema: bool = False) -> MergeResult:
     """Merge `models` (paths, state dicts or ModelSources) with `method`; see docs/API.md.
 
     `params` holds the method's parameters by name (see `registry`); the keyword arguments weights, t,
     alpha, multiplier, karcher_iter and karcher_tol are the same by their older names. `blocks` and
-    `overrides` make the method's block parameter vary per block / per key (keyparams.py)."""
+    `overrides` make the method's block parameter vary per block / per key (keyparams.py). `vae` (a VAE
+    file) is baked in, keys matching the regex `discard` and (with `drop_ema`) EMA weights are left out
+    (edits.py)."""
     started = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"unknown output dtype {dtype!r} ({', '.join(OUTPUT_DTYPES)})")
@@ -299,6 +322,8 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
     sources: list[ModelSource] = []
     base_source = None
     stale = []
+    created_dirs: list[Path] = []
+    vae_source = None
     saturated: dict[str, int] = {}
     try:
         for i, model in enumerate(models):
@@ -312,7 +337,13 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
             _check_output_not_input(output_path, all_sources)
             if output_path.suffix.lower() != ".safetensors":
                 check_folder_output(output_path, input_paths, overwrite)
+        refuse_loras(all_sources)
         plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
+        vae_source = open_model(vae) if vae is not None else None
+        if vae_source is not None:
+            all_sources.append(vae_source)
+        plan, edit_report = apply_edits(plan, len(sources), vae_source, discard, drop_ema)
+        run_sources = sources + ([vae_source] if vae_source is not None else [])
         key_values = keyparams.resolve(config, [t.key for t in plan.tasks if t.action == "merge"],
                                        plan.architecture, blocks, overrides)
         hashes: dict[str, str | None] = {}
@@ -325,31 +356,38 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
                 hashes=[digests.get(s.name) for s in sources], coefficients=config.reported_weights(),
                 base_name=base_source.name if base_source else None,
                 base_hash=digests.get(base_source.name) if base_source else None,
-                architecture=plan.architecture, output_dtype=dtype)
+                architecture=plan.architecture, output_dtype=dtype,
+                paths=[_abs_path(s) for s in sources], base_path=_abs_path(base_source) if base_source else None,
+                options={"strict": strict, "force": force})
 
         # The header is sized now, with every hash as long as a real one: it can only shrink at commit.
         placeholder = {s.name: f"{i:064x}" for i, s in enumerate(all_sources)} if hash_files else {}
         if output_path is not None:
+            created_dirs = make_parents(output_path)
             stale = sweep_stale(output_path.parent)
         sink = Sink(output_path, plan.out_specs(), overwrite, out_dev, max_shard_bytes, inputs=input_paths,
                     metadata=metadata_with(placeholder))
         try:
             sink.__enter__()
-            _execute(plan, sources, base_source, config, dev, sink, threads, progress, key_values.per_key,
+            _execute(plan, run_sources, base_source, config, dev, sink, threads, progress, key_values.per_key,
                      saturated)
             if hasher is not None:
                 hasher.join()
             metadata = metadata_with(hashes)
             sink.set_metadata(metadata)
-            first_folder = Path(sources[0].path) if sources[0].path is not None else None
-            if first_folder is not None and first_folder.is_file():
-                first_folder = first_folder.parent
-            sink.commit(first_folder if copy_extra_files else None)
+            from .lm import output_files  # config/tokenizer for a loadable folder; --copy-extra-files
+            extra_files = output_files(
+                [s.name for s in sources], [s.path for s in sources], plan.lm, output=output_path,
+                copy_all=copy_extra_files, vocab_from=plan.vocab_from, vocab_rows=plan.vocab_rows,
+                has_lm_head=(any(k.endswith("lm_head.weight") for k in plan.out_specs()) if plan.lm and plan.lm[0]
+                             else None), dtype=dtype)
+            sink.commit(extra_files)
         except BaseException:
             sink.abort()
+            remove_created(created_dirs)
             raise
     finally:
-        for src in sources + ([base_source] if base_source else []):
+        for src in sources + [s for s in (base_source, vae_source) if s is not None]:
             src.close()
 
     summary = {
@@ -365,6 +403,12 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         "per_key_values": len(key_values.per_key),
         "override_matches": key_values.override_counts,
         "saturated": saturated,
+        "discarded": edit_report.discarded,
+        "dropped_ema": edit_report.dropped_ema,
+        "baked_vae": {"file": edit_report.vae_name, "keys": edit_report.vae_keys} if edit_report.vae_name else None,
+        "lm_families": [info.describe() if info is not None else None for info in plan.lm] if any(plan.lm) else [],
+        "extra_files": [f.describe() for f in (extra_files or ()) if f.name in sink.copied_files],
+        "extra_files_skipped": list(getattr(sink, "skipped_files", [])),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return MergeResult(path=output_path, state_dict=sink.state_dict, architecture=plan.architecture,

@@ -8,22 +8,41 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from . import lm
 from .arch import detect_architecture, display_name
 from .errors import ArchitectureMismatch, MissingKeys, ShapeMismatch
 from .io.sources import ModelSource
 from .io.spec import TensorSpec
 
-# Shape mismatches that are merged on the common part, the rest kept from the larger model.
-# (dim, pattern): inpainting / instruct-pix2pix conv_in has 9 / 8 input channels instead of 4;
-# text encoders with added tokens have more embedding rows.
-PARTIAL_MERGE_RULES: tuple[tuple[int, re.Pattern], ...] = (
-    (1, re.compile(r"(^|\.)input_blocks\.0\.0\.weight$")),
-    (0, re.compile(r"(token_embedding|embed_tokens|word_embeddings|wte|shared)\.weight$")),
+@dataclass(frozen=True)
+class PartialRule:
+    """A shape mismatch merged on the common part, the rest kept from the larger model (never padded or
+    truncated). Tensors of one `group` take their extra part from the same model: the one largest along
+    the group's dims over all its tensors (ties: the first)."""
+    dim: int
+    pattern: re.Pattern
+    group: str | None
+    what: str
+
+
+# Inpainting / instruct-pix2pix conv_in has 9 / 8 input channels instead of 4; SD text encoders with
+# added tokens have more embedding rows (each encoder on its own: SDXL has two vocabularies); language
+# models' vocabulary-sized tensors (lm.VOCAB_RULES: embeddings, lm_head, their biases) form one group.
+PARTIAL_MERGE_RULES: tuple[PartialRule, ...] = (
+    PartialRule(1, re.compile(r"(^|\.)input_blocks\.0\.0\.weight$"), None, "inpainting conv_in"),
+    PartialRule(0, re.compile(r"(^|\.)token_embedding\.weight$"), None, "text-encoder token embedding"),
+    *(PartialRule(dim, pattern, "vocab", "vocabulary") for dim, pattern in lm.VOCAB_RULES),
 )
+
+
+def partial_rule(key: str) -> PartialRule | None:
+    return next((r for r in PARTIAL_MERGE_RULES if r.pattern.search(key)), None)
+
 
 FLOAT_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                      "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,6 +63,7 @@ class KeyTask:
     partial_dim: int | None = None   # merge only the first `common` entries along this dim
     common: int | None = None
     extra_from: int | None = None    # model whose tensor provides the part beyond `common`
+    source_key: str | None = None    # for copy: the key's name in that source, when it differs (a baked VAE)
 
 
 @dataclass
@@ -55,6 +75,9 @@ class MergePlan:
     partial: dict[str, str] = field(default_factory=dict)
     forced_copies: dict[str, str] = field(default_factory=dict)
     no_base: list[str] = field(default_factory=list)
+    lm: list = field(default_factory=list)      # lm.LMInfo (or None) per model: family, config, folder
+    vocab_from: int | None = None               # the model the extra vocabulary rows come from
+    vocab_rows: int | None = None               # the output's vocabulary rows (when the models differ)
 
     def out_specs(self) -> dict[str, TensorSpec]:
         return {t.key: t.out_spec for t in self.tasks}
@@ -68,10 +91,22 @@ def _partial_dim(key: str, shapes: Sequence[tuple[int, ...]]) -> int | None:
     if len(diff_dims) != 1:
         return None
     (dim,) = diff_dims
-    for rule_dim, pattern in PARTIAL_MERGE_RULES:
-        if rule_dim == dim and pattern.search(key):
-            return dim
-    return None
+    rule = partial_rule(key)
+    return dim if rule is not None and rule.dim == dim else None
+
+
+def _group_providers(models: Sequence[ModelSource], keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """group -> (model index, size): the model largest along the group's dims (ties: the first)."""
+    sizes: dict[str, list[int]] = {}
+    for key in keys:
+        rule = partial_rule(key)
+        if rule is None or rule.group is None:
+            continue
+        row = sizes.setdefault(rule.group, [0] * len(models))
+        for i, model in enumerate(models):
+            if key in model and len(model.spec(key).shape) > rule.dim:
+                row[i] = max(row[i], model.spec(key).shape[rule.dim])
+    return {g: (max(range(len(row)), key=lambda i: (row[i], -i)), max(row)) for g, row in sizes.items()}
 
 
 def output_dtype(requested: str, first_spec: TensorSpec) -> torch.dtype:
@@ -83,36 +118,74 @@ def output_dtype(requested: str, first_spec: TensorSpec) -> torch.dtype:
     return FLOAT_DTYPE_NAMES[requested]
 
 
+def _lm_infos(sources: Sequence[ModelSource], archs: Sequence[str]) -> list:
+    return [lm.lm_info(s.path, s.specs()) if a in lm.LM_FAMILIES or a == "unknown" else None
+            for s, a in zip(sources, archs)]
+
+
 def check_architectures(sources: Sequence[ModelSource], force: bool) -> tuple[str, list[str]]:
+    """Every model must be of one architecture: SD kinds from their keys, language models by family
+    (config.json's model_type, else key patterns) and with the same hidden size and layer count."""
+    archs, _, _ = _check_architectures(sources, force)
+    return archs[0], archs
+
+
+def _check_architectures(sources: Sequence[ModelSource], force: bool) -> tuple[list[str], list, bool]:
     archs = [detect_architecture(s.specs()) for s in sources]
-    if len(set(archs)) > 1 and not force:
-        listing = "; ".join(f"{s.name}: {display_name(a)}" for s, a in zip(sources, archs))
+    infos = _lm_infos(sources, archs)
+    archs = [info.family if info is not None else a for a, info in zip(archs, infos)]
+    names = [display_name(a) if info is None else f"{info.display}"
+             + (f" (model_type {info.family!r} from config.json)" if info.source == "config.json" else
+                " (from its keys)") for a, info in zip(archs, infos)]
+    differ = len(set(archs)) > 1
+    if differ and all(info is not None for info in infos):
+        differ = not all(lm.compatible(infos[0], info) for info in infos[1:])
+    if differ and not force:
+        listing = "; ".join(f"{s.name}: {n}" for s, n in zip(sources, names))
         raise ArchitectureMismatch(
             f"cannot merge different architectures ({listing}). Use --force to merge only the keys "
             f"they share.")
-    return archs[0], archs
+    if not force and all(info is not None for info in infos):
+        for i, info in enumerate(infos[1:], 1):
+            for what, a, b in (("hidden sizes", infos[0].hidden, info.hidden),
+                               ("layer counts", infos[0].layers, info.layers)):
+                if a is not None and b is not None and a != b:
+                    raise ArchitectureMismatch(
+                        f"cannot merge {sources[0].name} and {sources[i].name}: different {what} ({a} and {b}). "
+                        f"Use --force to merge only the keys they share.")
+    return archs, infos, differ
 
 
 def build_plan(models: Sequence[ModelSource], base: ModelSource | None = None, *, dtype: str = "auto",
                strict: bool = False, force: bool = False) -> MergePlan:
-    arch, archs = check_architectures(list(models) + ([base] if base else []), force)
-    plan = MergePlan(tasks=[], architecture=arch, architectures=archs[:len(models)])
+    archs, infos, differ = _check_architectures(list(models) + ([base] if base else []), force)
+    plan = MergePlan(tasks=[], architecture=archs[0], architectures=archs[:len(models)], lm=infos[:len(models)])
     seen: set[str] = set()
     ordered_keys: list[str] = []
     # Union of keys, first model's order first; across forced different architectures the
     # output is the first model with the keys it shares with the others merged.
-    key_sources = models[:1] if len(set(archs)) > 1 else models
+    key_sources = models[:1] if differ else models
     for model in key_sources:
         for key in model.keys():
             if key not in seen:
                 seen.add(key)
                 ordered_keys.append(key)
+    providers = _group_providers(models, ordered_keys)
 
     for key in ordered_keys:
         holders = [i for i, m in enumerate(models) if key in m]
         first = models[holders[0]].spec(key)
         out_dtype = output_dtype(dtype, first)
         if len(holders) < len(models):
+            rule = partial_rule(key)
+            if rule is not None and rule.group is not None and rule.group in providers and not force:
+                provider, size = providers[rule.group]
+                have = first.shape[rule.dim] if len(first.shape) > rule.dim else None
+                if have != size:
+                    raise ShapeMismatch(
+                        f"key {key!r} is only in {', '.join(models[i].name for i in holders)} ({have} rows) but "
+                        f"the output vocabulary has {size} rows (from {models[provider].name}); the models "
+                        f"differ in tied embeddings and vocabulary size")
             plan.missing[key] = [models[i].name for i in range(len(models)) if i not in holders]
             plan.tasks.append(KeyTask(key, "copy", (holders[0],), TensorSpec(first.shape, out_dtype)))
             continue
@@ -131,10 +204,22 @@ def build_plan(models: Sequence[ModelSource], base: ModelSource | None = None, *
         dim = _partial_dim(key, shapes)
         if dim is not None:
             sizes = [s[dim] for s in shapes]
+            group = partial_rule(key).group
             extra_from = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+            if group is not None:
+                extra_from, _ = providers[group]
+                if sizes[extra_from] != max(sizes):
+                    larger = models[holders[sizes.index(max(sizes))]].name
+                    raise ShapeMismatch(
+                        f"key {key!r}: {larger} has {max(sizes)} entries along dim {dim} but "
+                        f"{models[holders[extra_from]].name}, which has the largest vocabulary, has "
+                        f"{sizes[extra_from]}; the extra rows must all come from one model")
+                plan.vocab_from, plan.vocab_rows = holders[extra_from], sizes[extra_from]
             out_shape = shapes[extra_from]
+            if base is not None and key not in plan.no_base:
+                plan.no_base.append(key)  # a partial merge runs on the models' shared block, without the base
             plan.partial[key] = (f"shapes {', '.join(str(list(s)) for s in shapes)}: merged the first "
-                                 f"{min(sizes)} along dim {dim}, rest from {models[extra_from].name}")
+                                 f"{min(sizes)} along dim {dim}, rest from {models[holders[extra_from]].name}")
             plan.tasks.append(KeyTask(key, "merge", tuple(holders), TensorSpec(out_shape, out_dtype),
                                       use_base=False, partial_dim=dim, common=min(sizes),
                                       extra_from=extra_from))

@@ -78,18 +78,63 @@ def describe_os_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _nearest_existing(folder: Path) -> Path:
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
 def check_writable_folder(final: Path) -> None:
-    """The folder that will receive `final` exists, is writable, and takes a name that long."""
+    """The folder that will receive `final` exists (or can be created: its nearest existing ancestor is a
+    writable folder), is writable, and takes a name that long."""
     folder = final.parent
-    if not folder.is_dir():
-        raise OutputExists(f"{final}: output folder {folder} does not exist")
-    limit = name_max(folder)
-    if len(final.name.encode("utf-8", "surrogateescape")) > limit:
-        raise MergeError(f"{final}: the output name is {len(final.name.encode())} bytes long; "
-                         f"the file system allows {limit}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        probe = "the file system is read-only" if _read_only(folder) else "permission denied"
-        raise MergeError(f"{final}: cannot write into {folder} ({probe})")
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise OutputExists(f"{final}: {existing} is not a folder")
+    for part in [final.name] + [p.name for p in _missing_parts(folder)]:
+        limit = name_max(existing)
+        if len(part.encode("utf-8", "surrogateescape")) > limit:
+            raise MergeError(f"{final}: the name {part[:40]}… is {len(part.encode())} bytes long; "
+                             f"the file system allows {limit}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        probe = "the file system is read-only" if _read_only(existing) else "permission denied"
+        raise MergeError(f"{final}: cannot write into {existing} ({probe})")
+
+
+def _missing_parts(folder: Path) -> list[Path]:
+    """The folders from the nearest existing ancestor down to `folder` that do not exist yet, outermost first."""
+    missing = []
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def make_parents(final: Path) -> list[Path]:
+    """Create the missing folders above `final` (as users expect from every tool); returns them, outermost
+    first, so a failed run can take them back with `remove_created`."""
+    created = []
+    for folder in _missing_parts(Path(final).parent):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            remove_created(created)
+            raise MergeError(f"{final}: cannot create the folder {folder} ({describe_os_error(exc)})") from None
+        created.append(folder)
+    return created
+
+
+def remove_created(folders: list[Path]) -> None:
+    """Remove folders this run created, innermost first, as long as they are empty (never anything else)."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _read_only(folder: Path) -> bool:

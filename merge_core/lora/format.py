@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -69,3 +70,29 @@ def lora_file_bytes(ranks_by_module: Mapping[LoraModule, int], bytes_per_value: 
 def strength_tag(name: str, strength: float) -> str:
     value = 0.0 if math.isclose(strength, 0.0, abs_tol=5e-5) else strength
     return f"<lora:{name}:{value:.4f}>"
+
+
+_LORA_PARTS = re.compile(r"\.(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|hada_w1_a|lokr_w1|dora_scale)"
+                         r"(\.weight)?$")
+
+
+def describe_lora(specs: Mapping) -> dict | None:
+    """What a LoRA file is, from its keys and shapes alone (None for anything else): kind (LoRA / LoCon /
+    LoHa / LoKr), module count, ranks, the model part it targets."""
+    downs = {k: v for k, v in specs.items() if _LORA_PARTS.search(k)}
+    if not downs or len(downs) < len(specs) // 3:
+        return None
+    kind = "LoRA"
+    if any("hada_" in k for k in downs):
+        kind = "LoHa"
+    elif any("lokr_" in k for k in downs):
+        kind = "LoKr"
+    elif any(k.endswith((".lora_down.weight", ".lora_A.weight")) and len(getattr(v, "shape", v)) == 4
+             and tuple(getattr(v, "shape", v))[2:] != (1, 1) for k, v in downs.items()):
+        kind = "LoCon"
+    ranks = sorted({int(getattr(v, "shape", v)[0]) for k, v in downs.items()
+                    if k.endswith((".lora_down.weight", ".lora_A.weight"))})
+    modules = {_LORA_PARTS.split(k)[0] for k in downs}
+    targets = sorted({"UNet" if m.startswith(("lora_unet", "unet", "diffusion_model", "transformer")) else
+                      "text encoder" if m.startswith(("lora_te", "text_encoder")) else "other" for m in modules})
+    return {"kind": kind, "modules": len(modules), "ranks": ranks, "targets": targets}
