@@ -17,6 +17,7 @@ Loading a merge without writing a file:
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -37,13 +38,39 @@ class Settings:
     keep_in_ram: bool = False    # keep the last "Merge and load" result so Save writes it without re-merging
 
 
-def _checkpoint_files(folder: Path, exclude: Path | None = None) -> list[Path]:
-    """The checkpoint files under `folder`, hidden files and folders and `exclude` (the LoRA folder) left out.
-    Symlinked sub-folders are followed, as A1111 does (`shared.walk_files`); a folder reached twice
-    (a link back up the tree, or two links to one place) is listed once."""
+@functools.lru_cache(maxsize=4096)
+def _lora_info(path: str, size: int, mtime: float):
+    """What a .safetensors file is if it is a LoRA (read from its header only), else None; cached per version."""
+    from merge_core.errors import MergeError as _Error
+    from merge_core.io.sources import open_model
+    from merge_core.lora.format import describe_lora
+    try:
+        with open_model(path) as src:
+            return describe_lora(src.specs())
+    except (_Error, OSError):
+        return None
+
+
+def is_lora_file(path: Path) -> bool:
+    """LoRA files are never offered as checkpoints (a LoRA merged as a checkpoint is always an error)."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return _lora_info(str(path), st.st_size, st.st_mtime) is not None
+
+
+def _checkpoint_files(folder: Path, exclude=()) -> list[Path]:
+    """The checkpoint files under `folder`, hidden files and folders and the `exclude` folders (LoRA, VAE)
+    left out, and LoRA files wherever they are. Symlinked sub-folders are followed, as A1111 does
+    (`shared.walk_files`); a folder reached twice (a link back up the tree, or two links to one place) is
+    listed once."""
     if not folder.is_dir():
         return []
-    skip = exclude.resolve() if exclude is not None else None
+    exclude = [exclude] if isinstance(exclude, Path) else [e for e in exclude if e is not None]
+    skip = {e.resolve() for e in exclude}
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         root_path = Path(root)
@@ -52,8 +79,9 @@ def _checkpoint_files(folder: Path, exclude: Path | None = None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != skip)
-        found += [root_path / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() not in skip)
+        found += [root_path / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in CHECKPOINT_SUFFIXES
+                  and not is_lora_file(root_path / f)]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix().lower())
 
 
@@ -121,9 +149,23 @@ class Host:
     def lora_dir(self) -> Path:
         return self._lora_dir
 
+    def vae_dir(self) -> Path:
+        return self._checkpoint_dir / "VAE"
+
     def _listed(self) -> dict[str, Path]:
         folder = self.checkpoint_dir()
-        return {p.relative_to(folder).as_posix(): p for p in _checkpoint_files(folder, exclude=self.lora_dir())}
+        return {p.relative_to(folder).as_posix(): p
+                for p in _checkpoint_files(folder, exclude=(self.lora_dir(), self.vae_dir()))}
+
+    def list_vaes(self) -> list[str]:
+        """VAE files (the VAE folder's), by their names in that folder."""
+        folder = self.vae_dir()
+        return [p.relative_to(folder).as_posix() for p in _checkpoint_files(folder)]
+
+    def vae_path(self, name: str) -> Path:
+        folder = self.vae_dir()
+        listed = {p.relative_to(folder).as_posix(): p for p in _checkpoint_files(folder)}
+        return pick_listed(name, listed, folder, place="VAE folder")
 
     def list_checkpoints(self) -> list[str]:
         return list(self._listed())
@@ -187,9 +229,14 @@ class WebUIHost(Host):
         from modules import paths, shared
         return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"))
 
+    def vae_dir(self) -> Path:
+        from modules import paths, shared
+        return Path(getattr(shared.cmd_opts, "vae_dir", None) or os.path.join(paths.models_path, "VAE"))
+
     def list_checkpoints(self) -> list[str]:
         from modules import sd_models
-        return list(sd_models.checkpoint_tiles())
+        listed = self._listed()
+        return [t for t in sd_models.checkpoint_tiles() if t in listed]
 
     def _listed(self) -> dict:
         """The host's checkpoint list by the names the tab may hold: the title (what `checkpoint_tiles()`
@@ -199,6 +246,8 @@ class WebUIHost(Host):
         from modules import sd_models
         listed: dict = {}
         for info in sd_models.checkpoints_list.values():
+            if is_lora_file(Path(info.filename)):  # a LoRA in the checkpoint folder is not a checkpoint
+                continue
             for key in (info.title, getattr(info, "short_title", None), getattr(info, "name", None)):
                 if isinstance(key, str) and key:
                     listed.setdefault(key, info)

@@ -51,6 +51,11 @@ class MergeRequest:
     blocks: str = ""       # block weights: one line (one line per model for a per-model parameter)
     overrides: str = ""    # per-key overrides, one PATTERN=VALUE per line
     extra: dict = field(default_factory=dict)  # values of parameters of methods added later, by name
+    vae: str = NONE        # bake in this VAE (a name from the VAE folder's list)
+    discard: str = ""      # leave out weights whose key matches this regular expression
+    drop_ema: bool = False  # leave out EMA weights and other training leftovers
+    shared_only: bool = False  # merge models of different architectures on the keys they share
+    overwrite: bool = False    # replace an existing file of that name (after a confirmation)
 
     def params(self) -> dict:
         """The picked method's parameters (only those it has: the others' controls are hidden)."""
@@ -94,6 +99,10 @@ class MergeRequest:
         return None if self.base in (None, "", NONE) else self.base
 
 
+class NeedsConfirmation(MergeError):
+    """Saving would replace an existing file: the user confirms by pressing Save again."""
+
+
 class MergeService:
     """The tab's actions for one host. One job runs at a time; `cancel()` stops it between tensors."""
 
@@ -108,6 +117,9 @@ class MergeService:
         if refresh:
             self.host.refresh()
         return self.host.list_checkpoints()
+
+    def vaes(self) -> list[str]:
+        return self.host.list_vaes()
 
     def device(self, choice: str | None = None) -> str:
         choice = choice or self.host.settings().device
@@ -140,7 +152,9 @@ class MergeService:
         if req.dtype not in DTYPES:
             raise MergeError(f"unknown output dtype {req.dtype!r}")
         threads = self.host.settings().threads or None
+        vae = self.host.vae_path(req.vae) if req.vae not in (None, "", NONE) else None
         return dict(params=req.params(), dtype=req.dtype, device=self.device(req.device), threads=threads,
+                    vae=vae, discard=req.discard or None, drop_ema=bool(req.drop_ema), force=bool(req.shared_only),
                     **req.block_args())
 
     def recipe_preview(self, req: MergeRequest) -> str:
@@ -160,26 +174,57 @@ class MergeService:
         }
         return json.dumps(preview, indent=2)
 
-    def _output_path(self, req: MergeRequest) -> Path:
-        name = plain_name(req.name, "output name")
+    def auto_name(self, req: MergeRequest) -> str:
+        """A1111's style of name for an empty name box, from the recipe: `0.3(A) + 0.7(B)` for a weighted
+        sum, `A + 0.5(B - C)` for add difference, `karcher(A, B, C)` otherwise; long lists shortened; never
+        the name of an existing file."""
+        stems = [Path(without_hash(n)).stem for n in req.models]
+        short = [st[:24] for st in stems]
+        params = req.params()
+        m = params.get("multiplier")
+        if req.method == "weighted" and len(short) == 2:
+            name = f"{1 - m:g}({short[0]}) + {m:g}({short[1]})"
+        elif req.method == "add-difference" and len(short) == 3:
+            name = f"{short[0]} + {m:g}({short[1]} - {short[2]})"
+        elif req.method == "slerp" and len(short) == 2:
+            name = f"slerp {params.get('t', 0.5):g}({short[0]}, {short[1]})"
+        else:
+            shown_models = short if len(short) <= 4 else short[:3] + [f"+{len(short) - 3} more"]
+            name = f"{req.method}({', '.join(shown_models)})"
+        name = "".join("_" if c in "/\\:*?\"<>|" else c for c in name).strip(". ")[:150] or req.method
+        folder = self.host.checkpoint_dir()
+        candidate, n = name, 2
+        while (folder / f"{candidate}.safetensors").exists():
+            candidate, n = f"{name} ({n})", n + 1
+        return candidate
+
+    def _output_path(self, req: MergeRequest, confirmed: bool = False) -> Path:
+        name = plain_name(req.name, "output name") if (req.name or "").strip() else self.auto_name(req)
         folder = self.host.checkpoint_dir()
         if not folder.is_dir():
             raise MergeError(f"{folder}: checkpoint folder does not exist")
         path = folder / f"{name}.safetensors"
         if path.exists():
-            raise MergeError(f"{path.name} already exists in {folder}; pick another name")
+            if not req.overwrite:
+                raise MergeError(f"{path.name} already exists in {folder}; pick another name, or tick "
+                                 f"“Overwrite an existing file”")
+            if not confirmed:
+                raise NeedsConfirmation(f"{path.name} already exists in {folder}: press Save again to replace it")
         return path
 
-    def save(self, req: MergeRequest, ui_progress: UIProgress | None = None) -> tuple[str, str]:
-        """Merge into the checkpoint folder and refresh the host's list. Returns (message, saved title)."""
+    def save(self, req: MergeRequest, ui_progress: UIProgress | None = None,
+             confirmed: bool = False) -> tuple[str, str]:
+        """Merge into the checkpoint folder and refresh the host's list. Returns (message, saved title).
+        Replacing an existing file needs `overwrite` and then a second, confirmed Save."""
         from merge_core.engine import merge
         from merge_core.io.safetensors_file import save_safetensors
         args = self._engine_args(req)
-        output = self._output_path(req)
+        output = self._output_path(req, confirmed)
+        args["overwrite"] = output.exists()
         models, base = self._inputs(req)
         with self._job("Manifold Merge: save", ui_progress) as progress:
             if self._kept is not None and self._kept[0] == self._recipe_key(req):
-                save_safetensors(output, self._kept[1], self._kept[2])  # atomic: temp file + rename
+                save_safetensors(output, self._kept[1], self._kept[2], overwrite=args["overwrite"])  # atomic
                 how = "from the merge kept in RAM"
             else:
                 result = merge(models, req.method, output=output, base=base, progress=progress,

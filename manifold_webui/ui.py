@@ -8,6 +8,7 @@ because A1111 shares one API namespace between all extensions.
 """
 from __future__ import annotations
 
+import html
 import traceback
 
 import gradio as gr
@@ -16,8 +17,8 @@ from merge_core import registry
 from merge_core.errors import MergeError
 from merge_core.registry import Param
 
-from .service import (DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService, friendly,
-                      without_hash)
+from .service import (DTYPES, INSPECT_COLUMNS, METHOD_LABELS, NONE, MergeRequest, MergeService,
+                      NeedsConfirmation, friendly, without_hash)
 
 DEVICES = ("host", "auto", "cpu", "cuda")
 # The HTTP API's first positions stay as they were; parameters of methods added later follow `device`.
@@ -25,8 +26,14 @@ LEGACY_ORDER = ("weights", "t", "alpha", "multiplier", "karcher_iter", "karcher_
 MAX_BLOCK_SLIDERS = 26  # SD1/SD2's list form; SDXL shows 20; SD3/Flux (41/60 blocks) are edited as text
 
 
+def _plain_markdown(text: str) -> str:
+    """A method's help as literal text in Markdown (its formulas hold * and _), in the tab's words."""
+    text = text.replace("(needs --base)", "(needs a base model)").replace("--base", "a base model")
+    return "".join("\\" + c if c in "\\`*_{}[]<>#|" else c for c in text)
+
+
 def method_help() -> str:
-    lines = [f"**{m.name}**: {m.help}" for m in registry.all_methods()]
+    lines = [f"**{m.name}**: {_plain_markdown(m.help)}" for m in registry.all_methods()]
     bases = " and ".join(registry.get(m).label for m in registry.base_methods())
     return " · ".join(lines) + f". With a base model, {bases} merge the differences from the base (task vectors)."
 
@@ -48,7 +55,11 @@ def merge_input_names() -> list[str]:
     names = [p.name for p in method_params()]
     legacy = [n for n in LEGACY_ORDER if n in names]
     return ["method", "models"] + legacy + ["base", "name", "dtype", "device"] + \
-        [n for n in names if n not in LEGACY_ORDER] + ["blocks", "overrides"]
+        [n for n in names if n not in LEGACY_ORDER] + ["blocks", "overrides"] + list(OUTPUT_OPTIONS)
+
+
+# The Merge tab's output options, after the block weights in its inputs (MergeRequest fields).
+OUTPUT_OPTIONS = ("vae", "discard", "drop_ema", "shared_only", "overwrite")
 
 
 def visible_params(method_name: str) -> set[str]:
@@ -83,10 +94,14 @@ def _frame(headers, rows):
 
 
 def _error(exc: Exception) -> str:
-    """The tab's message for a failed action; unexpected errors also go to the console with their traceback."""
+    """The tab's message for a failed action, styled as an error (a confirmation request as a question);
+    unexpected errors also go to the console with their traceback."""
     if not isinstance(exc, (MergeError, OSError)):
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    return friendly(exc)
+    text = html.escape(friendly(exc))
+    if isinstance(exc, NeedsConfirmation):
+        return f'<div class="manifold-merge-confirm" style="color:#b7791f;font-weight:600">⚠ {text}</div>'
+    return f'<div class="manifold-merge-error" style="color:#d9534f;font-weight:600">✖ {text}</div>'
 
 
 def _ui_progress(progress):
@@ -166,21 +181,42 @@ def build_tab(service: MergeService) -> gr.Blocks:
                                          elem_id="manifold_merge_device")
                 with gr.Row():
                     save = gr.Button("Save", variant="primary", elem_id="manifold_merge_save")
-                    load = gr.Button("Merge and load", elem_id="manifold_merge_load",
-                                     interactive=service.host.can_hot_load)
+                    load = gr.Button("Merge and load" if service.host.can_hot_load else
+                                     "Merge and load (only inside a WebUI: here, use Save)",
+                                     elem_id="manifold_merge_load", interactive=service.host.can_hot_load)
                     cancel = gr.Button("Cancel", variant="stop", elem_id="manifold_merge_cancel")
                     switch = gr.Button("Load the saved model", visible=False, elem_id="manifold_merge_switch")
+                with gr.Accordion("Output options", open=False, elem_id="manifold_merge_output_options"):
+                    with gr.Row():
+                        vae = gr.Dropdown(choices=[NONE] + service.vaes(), value=NONE,
+                                          label=f"Bake in VAE (from {service.host.vae_dir()})",
+                                          elem_id="manifold_merge_vae")
+                        discard = gr.Textbox(label="Discard weights matching (regular expression)",
+                                             placeholder=r"e.g. ^model_ema\.|first_stage_model\.",
+                                             elem_id="manifold_merge_discard")
+                    with gr.Row():
+                        drop_ema = gr.Checkbox(False, label="Drop EMA weights (model_ema.*)",
+                                               elem_id="manifold_merge_drop_ema")
+                        shared_only = gr.Checkbox(False, label="Merge shared keys only (models of different "
+                                                               "architectures: the first model's other keys are kept)",
+                                                  elem_id="manifold_merge_shared_only")
+                        overwrite = gr.Checkbox(False, label="Overwrite an existing file (asks to confirm)",
+                                                elem_id="manifold_merge_overwrite")
                 status = gr.Markdown("", elem_id="manifold_merge_status")
-                saved_title = gr.State("")
-                with gr.Accordion("Recipe written into the file's metadata", open=True):
+                saved_title = gr.Textbox("", visible=False, elem_id="manifold_merge_saved_title")
+                armed = gr.State("")
+                with gr.Accordion("Recipe written into the file's metadata", open=True,
+                                  elem_id="manifold_merge_recipe_box") as recipe_box:
                     recipe = gr.Code(language="json", label="Recipe", elem_id="manifold_merge_recipe")
 
             # ---------------------------------------------------------------- Hyper-merge
             with gr.Tab("Hyper-merge", elem_id="manifold_merge_tab_hyper"):
                 gr.Markdown("M checkpoints → one hyper checkpoint (checkpoint folder) + K LoRAs (LoRA folder); "
                             "each model is the hyper checkpoint plus the LoRAs at its own strengths (the tags).")
-                hyper_models = gr.Dropdown(choices=choices, value=[], multiselect=True, label="Checkpoints",
-                                           elem_id="manifold_merge_hyper_models")
+                with gr.Row():
+                    hyper_models = gr.Dropdown(choices=choices, value=[], multiselect=True, label="Checkpoints",
+                                               elem_id="manifold_merge_hyper_models", scale=8)
+                    hyper_refresh = gr.Button("Refresh", elem_id="manifold_merge_hyper_refresh", scale=1)
                 with gr.Row():
                     ranks = gr.Textbox(value="64 64 32 32", label="LoRA ranks (one per LoRA)",
                                        elem_id="manifold_merge_hyper_ranks")
@@ -192,6 +228,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     hyper_run = gr.Button("Run hyper-merge", variant="primary", elem_id="manifold_merge_hyper_run")
                     hyper_cancel = gr.Button("Cancel", variant="stop", elem_id="manifold_merge_hyper_cancel")
                 hyper_status = gr.Markdown("", elem_id="manifold_merge_hyper_status")
+                hyper_payload = gr.Textbox("", visible=False, elem_id="manifold_merge_hyper_payload")
+                hyper_result = gr.State(None)
                 multipliers = gr.Textbox(label="Prompt tags per model (copy into your prompt)", lines=4,
                                          show_copy_button=True, elem_id="manifold_merge_hyper_tags")
                 hyper_table = gr.Dataframe(headers=["model", "λ per LoRA", "error (LoRA layers)", "error (all)"],
@@ -200,8 +238,10 @@ def build_tab(service: MergeService) -> gr.Blocks:
 
             # ---------------------------------------------------------------- Inspect
             with gr.Tab("Inspect", elem_id="manifold_merge_tab_inspect"):
-                inspect_models = gr.Dropdown(choices=choices, value=[], multiselect=True, label="Checkpoints",
-                                             elem_id="manifold_merge_inspect_models")
+                with gr.Row():
+                    inspect_models = gr.Dropdown(choices=choices, value=[], multiselect=True, label="Checkpoints",
+                                                 elem_id="manifold_merge_inspect_models", scale=8)
+                    inspect_refresh = gr.Button("Refresh", elem_id="manifold_merge_inspect_refresh", scale=1)
                 inspect_run = gr.Button("Inspect and compare", variant="primary", elem_id="manifold_merge_inspect_run")
                 inspect_status = gr.Markdown("", elem_id="manifold_merge_inspect_status")
                 inspect_table = gr.Dataframe(headers=list(INSPECT_COLUMNS), label="Models", interactive=False,
@@ -213,8 +253,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
         pickers = [models, base, hyper_models, inspect_models]
         legacy = [controls[n] for n in LEGACY_ORDER if n in controls]
         later = [controls[p.name] for p in params if p.name not in LEGACY_ORDER]
-        merge_inputs = [method, models] + legacy + [base, name, dtype, device] + later + [blocks_text,
-                                                                                        overrides_text]
+        merge_inputs = [method, models] + legacy + [base, name, dtype, device] + later + [
+            blocks_text, overrides_text, vae, discard, drop_ema, shared_only, overwrite]
         names_in_order = [n for n in LEGACY_ORDER if n in controls] + \
             [p.name for p in params if p.name not in LEGACY_ORDER]
 
@@ -223,6 +263,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
             n_legacy = len(legacy)
             b, n, dt, dev = values[2 + n_legacy:6 + n_legacy]
             raw = dict(zip(names_in_order, values[2:2 + n_legacy] + values[6 + n_legacy:6 + n_legacy + len(later)]))
+            options = dict(zip(OUTPUT_OPTIONS, values[-len(OUTPUT_OPTIONS):]))
+            values = values[:-len(OUTPUT_OPTIONS)]
             blocks_value, overrides_value = values[-2], values[-1]
             known = {k: raw.pop(k) for k in LEGACY_ORDER if k in raw}
             if "weights" in known:
@@ -232,7 +274,9 @@ def build_tab(service: MergeService) -> gr.Blocks:
                     known[k] = int(known[k])
             return MergeRequest(method=m, models=list(chosen or []), base=b or NONE, name=n or "", dtype=dt,
                                 device=dev, blocks=blocks_value or "", overrides=overrides_value or "",
-                                extra=raw, **known)
+                                vae=options["vae"] or NONE, discard=options["discard"] or "",
+                                drop_ema=bool(options["drop_ema"]), shared_only=bool(options["shared_only"]),
+                                overwrite=bool(options["overwrite"]), extra=raw, **known)
 
         # ---- Merge events
         param_controls = [controls[n] for n in names_in_order]
@@ -332,28 +376,44 @@ def build_tab(service: MergeService) -> gr.Blocks:
 
         def on_preview(*values):
             try:
-                return service.recipe_preview(request(*values))
+                return service.recipe_preview(request(*values)), gr.update(visible=True)
             except MergeError as exc:
-                return f"// not ready: {exc}"
+                return f"// not ready: {exc}", gr.update(visible=True)
 
         for component in merge_inputs:
-            component.change(on_preview, merge_inputs, recipe, queue=False)
+            component.change(on_preview, merge_inputs, [recipe, recipe_box], queue=False)
 
         def on_refresh(chosen, b, hyper_chosen, inspect_chosen):
             return choice_updates(chosen or [], b, hyper_chosen or [], inspect_chosen or [])
 
         refresh.click(on_refresh, pickers, pickers, api_name="manifold_merge_refresh")
+        hyper_refresh.click(on_refresh, pickers, pickers, queue=False)
+        inspect_refresh.click(on_refresh, pickers, pickers, queue=False)
 
+        # One progress display per job: the job's event has the status as its only visible output; what it
+        # changes elsewhere (pickers, tables) follows in a second step without a progress bar.
         def on_save(progress=gr.Progress(), *values):  # gradio puts the tracker at its position: first
+            *values, armed_name = values
             try:
                 req = request(*values)
-                message, title = service.save(req, _ui_progress(progress))
+                key = (req.name or "").strip()
+                message, title = service.save(req, _ui_progress(progress),
+                                              confirmed=bool(armed_name) and armed_name == key)
+            except NeedsConfirmation as exc:
+                return _error(exc), "", key  # armed: the next Save of this name replaces the file
             except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
-                return (_error(exc), "", gr.update(visible=False)) + tuple(gr.update() for _ in pickers)
-            return (message, title, gr.update(visible=service.host.can_switch)) + \
-                choice_updates(models=req.models, base=req.base)
+                return _error(exc), "", ""
+            return message, title, ""
 
-        save.click(on_save, merge_inputs, [status, saved_title, switch] + pickers, api_name="manifold_merge_save")
+        def after_save(title, chosen, b):
+            if not title:  # failed: no recipe box (nothing was written), pickers as they were
+                return (gr.update(visible=False), gr.update(visible=False)) + tuple(gr.update() for _ in pickers)
+            return (gr.update(visible=service.host.can_switch), gr.update(visible=True)) + \
+                choice_updates(models=list(chosen or []), base=b)
+
+        save.click(on_save, merge_inputs + [armed], [status, saved_title, armed], api_name="manifold_merge_save") \
+            .then(after_save, [saved_title, models, base], [switch, recipe_box] + pickers, show_progress="hidden",
+                  queue=False)
 
         def on_load(progress=gr.Progress(), *values):
             try:
@@ -373,30 +433,48 @@ def build_tab(service: MergeService) -> gr.Blocks:
         cancel.click(service.cancel, None, status, queue=False, api_name="manifold_merge_cancel")
 
         # ---- Hyper-merge events
-        def on_hyper(chosen, rank_text, rounds, n, dt, progress=gr.Progress()):
+        def on_hyper(progress=gr.Progress(), *values):
+            chosen, rank_text, rounds, n, dt = values
             try:
                 out = service.hyper(list(chosen or []), rank_text, int(rounds), n, dt,
                                     ui_progress=_ui_progress(progress))
             except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
-                return (_error(exc), "", gr.update(), "") + tuple(gr.update() for _ in pickers)
-            return (out["message"], out["multipliers"], _frame(out["headers"], out["rows"]), out["chart"]) + \
-                choice_updates(hyper=chosen or [])
+                return _error(exc), "", None
+            return out["message"], out["multipliers"], out
+
+        def after_hyper(out, chosen):
+            if not out:
+                return (gr.update(), gr.update(), gr.update()) + tuple(gr.update() for _ in pickers)
+            return (out["multipliers"], _frame(out["headers"], out["rows"]), out["chart"]) + \
+                choice_updates(hyper=list(chosen or []))
 
         hyper_run.click(on_hyper, [hyper_models, ranks, iterations, hyper_name, hyper_dtype],
-                        [hyper_status, multipliers, hyper_table, hyper_chart] + pickers,
-                        api_name="manifold_merge_hyper")
+                        [hyper_status, hyper_payload, hyper_result], api_name="manifold_merge_hyper") \
+            .then(after_hyper, [hyper_result, hyper_models], [multipliers, hyper_table, hyper_chart] + pickers,
+                  show_progress="hidden", queue=False)
         hyper_cancel.click(service.cancel, None, hyper_status, queue=False, api_name="manifold_merge_hyper_cancel")
 
         # ---- Inspect events
-        def on_inspect(chosen, progress=gr.Progress()):
+        inspect_result = gr.State(None)
+        inspect_payload = gr.Textbox("", visible=False, elem_id="manifold_merge_inspect_payload")
+
+        def on_inspect(progress=gr.Progress(), *values):
+            (chosen,) = values
             try:
                 out = service.inspect(list(chosen or []), _ui_progress(progress))
             except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
-                return _error(exc), gr.update(), "", ""
+                return _error(exc), "", None
             sim = out["similarity"]
             note = (f"Compared {sim['keys_compared']} tensors." if sim else "Pick two or more to compare them.")
-            return note, _frame(out["headers"], out["rows"]), out["heatmap"], out["metadata"]
+            return note, out["metadata"], out
 
-        inspect_run.click(on_inspect, inspect_models, [inspect_status, inspect_table, heatmap, metadata],
-                          api_name="manifold_merge_inspect")
+        def after_inspect(out):
+            if not out:
+                return gr.update(), gr.update(), gr.update()
+            return _frame(out["headers"], out["rows"]), out["heatmap"] + out.get("block_heatmap", ""), out["metadata"]
+
+        inspect_run.click(on_inspect, inspect_models, [inspect_status, inspect_payload, inspect_result],
+                          api_name="manifold_merge_inspect") \
+            .then(after_inspect, inspect_result, [inspect_table, heatmap, metadata], show_progress="hidden",
+                  queue=False)
     return tab

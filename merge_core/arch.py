@@ -2,14 +2,18 @@
 
 Works on full checkpoints (LDM/SGM layout, or as ComfyUI saves SD3/Flux), on
 bare UNet/DiT state dicts (`diffusion_model.` prefix, as a ComfyUI MODEL holds
-them, or no prefix), and on text-encoder-only dicts.
+them, or no prefix), on text-encoder-only dicts, and on language models by key layout (lm.py).
 """
 from __future__ import annotations
 
 from typing import Mapping
 
-ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
+from .lm import FAMILIES as LM_FAMILIES
+from .lm import detect_layout as _detect_lm_layout
+
+ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux") + tuple(LM_FAMILIES) + ("unknown",)
 DISPLAY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+                 **{name: display for name, (display, _) in LM_FAMILIES.items()},
                  "unknown": "unknown architecture"}
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -46,7 +50,10 @@ def detect_architecture(specs: Mapping) -> str:
         return "sd1"
     if _has_prefix(specs, "cond_stage_model.model."):
         return "sd2"
-    return "unknown"
+    if any(".text_model.encoder.layers." in k or k.startswith("text_model.encoder.layers.") for k in specs):
+        return "unknown"  # a CLIP text encoder on its own (a host's CLIP state dict): not a language model
+    # Language models by key layout (Llama and Mistral share one: config.json tells them apart, lm.py).
+    return _detect_lm_layout(specs) or "unknown"
 
 
 def display_name(arch: str) -> str:

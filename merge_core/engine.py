@@ -292,14 +292,15 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
           progress: ProgressCallback | None = None, names: Sequence[str] | None = None, output_device="cpu",
           hash_inputs: bool = True, max_shard_bytes: int = 5 * 1024 ** 3, params: Mapping | None = None,
           blocks=None, overrides: Sequence[tuple[str, float]] = (), vae=None, discard: str | None = None,
-          drop_ema: bool = False) -> MergeResult:
+          drop_ema: bool = False, block_architecture: str | None = None) -> MergeResult:
     """Merge `models` (paths, state dicts or ModelSources) with `method`; see docs/API.md.
 
     `params` holds the method's parameters by name (see `registry`); the keyword arguments weights, t,
     alpha, multiplier, karcher_iter and karcher_tol are the same by their older names. `blocks` and
     `overrides` make the method's block parameter vary per block / per key (keyparams.py). `vae` (a VAE
     file) is baked in, keys matching the regex `discard` and (with `drop_ema`) EMA weights are left out
-    (edits.py)."""
+    (edits.py). `block_architecture` names the architecture whose blocks `blocks` refers to, for inputs
+    that cannot be detected from their keys alone (a host's bare UNet or text-encoder state dict)."""
     started = time.perf_counter()
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"unknown output dtype {dtype!r} ({', '.join(OUTPUT_DTYPES)})")
@@ -345,7 +346,7 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
         plan, edit_report = apply_edits(plan, len(sources), vae_source, discard, drop_ema)
         run_sources = sources + ([vae_source] if vae_source is not None else [])
         key_values = keyparams.resolve(config, [t.key for t in plan.tasks if t.action == "merge"],
-                                       plan.architecture, blocks, overrides)
+                                       block_architecture or plan.architecture, blocks, overrides)
         hashes: dict[str, str | None] = {}
         hash_files = hash_inputs and output_path is not None
         hasher = _hash_sources(sources + [base_source], hashes, hash_files)

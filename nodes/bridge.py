@@ -11,6 +11,9 @@ import inspect
 import torch
 
 SKIP_CLIP_KEYS = (".position_ids", ".logit_scale")
+# Weights a CLIP holds although the checkpoint has none: SD1/SD2's CLIP-L text_projection is created with
+# torch.empty and never loaded (ComfyUI drops it when saving), so it may hold NaN. Merged only when finite.
+MAYBE_UNLOADED_CLIP_KEYS = (".transformer.text_projection.weight",)
 
 
 def _comfy():
@@ -36,6 +39,17 @@ def effective_weights(patcher, prefix: str | None = None, skip=()) -> dict[str, 
             weight = comfy.lora.calculate_weight(entries[1:], weight.to(torch.float32, copy=True), key)
         out[key] = weight
     return out
+
+
+def clip_weights(clips) -> list[dict[str, torch.Tensor]]:
+    """Effective weights of CLIPs for merging; an unloaded (non-finite) weight stays out, so the clone keeps
+    the first input's own, as ComfyUI would."""
+    sds = [effective_weights(c.patcher, None, SKIP_CLIP_KEYS) for c in clips]
+    for key in {k for sd in sds for k in sd if k.endswith(MAYBE_UNLOADED_CLIP_KEYS)}:
+        if any(key in sd and not bool(torch.isfinite(sd[key]).all()) for sd in sds):
+            for sd in sds:
+                sd.pop(key, None)
+    return sds
 
 
 def supports_set_patch() -> bool:

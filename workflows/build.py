@@ -8,7 +8,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 OUT_TYPES = {"CheckpointLoaderSimple": ["MODEL", "CLIP", "VAE"], "ManifoldMergeCheckpoints": ["MODEL", "CLIP", "VAE"],
              "ManifoldMergeHyperLoraLoader": ["MODEL", "CLIP"], "ManifoldMergeHyperMerge": ["STRING", "STRING"],
-             "ManifoldMergeExtractLora": ["STRING"], "ModelSave": [], "CheckpointSave": [], "CLIPSave": []}
+             "ManifoldMergeExtractLora": ["STRING"], "ManifoldMergeBlockWeights": ["BLOCK_WEIGHTS"],
+             "ModelSave": [], "CheckpointSave": [], "CLIPSave": []}
 
 
 def out_types(node_type):
@@ -56,6 +57,23 @@ WORKFLOWS = {
                        ("ManifoldMergeMovingAverageModel", ["ema", 0.5, ""],
                         {"model1": (0, 0, "MODEL"), "model2": (1, 0, "MODEL"), "model3": (2, 0, "MODEL")}),
                        ("ModelSave", ["merged/ema"], {"model": (3, 0, "MODEL")})],
+    # Block weights: one spec for SLERP's t (MODEL and CLIP: the CLIP's keys are in TE), and one row per model
+    # for Karcher's weights (lines without a label apply to every model).
+    "block_weights_merge": [loader("model_a.safetensors"), loader("model_b.safetensors"), loader("model_c.safetensors"),
+                            ("ManifoldMergeBlockWeights",
+                             ["sd1", "none", "BASE:0.5, IN00-IN05:0.3, M00:0.5, OUT*:0.8, TE:0.5", ""], {}),
+                            ("ManifoldMergeSlerpModel", [0.5], {"model_a": (0, 0, "MODEL"), "model_b": (1, 0, "MODEL"),
+                                                                "block_weights": (3, 0, "BLOCK_WEIGHTS")}),
+                            ("ManifoldMergeSlerpClip", [0.5], {"clip_a": (0, 1, "CLIP"), "clip_b": (1, 1, "CLIP"),
+                                                               "block_weights": (3, 0, "BLOCK_WEIGHTS")}),
+                            ("CheckpointSave", ["merged/slerp_blocks"],
+                             {"model": (4, 0, "MODEL"), "clip": (5, 0, "CLIP"), "vae": (0, 2, "VAE")}),
+                            ("ManifoldMergeBlockWeights",
+                             ["sd1", "none", "model1: IN*:2, M00:1\nmodel2: OUT*:2\nBASE:1", ""], {}),
+                            ("ManifoldMergeKarcherModel", [1.0, 1.0, 10, 1e-5],
+                             {"model1": (0, 0, "MODEL"), "model2": (1, 0, "MODEL"), "model3": (2, 0, "MODEL"),
+                              "block_weights": (7, 0, "BLOCK_WEIGHTS")}),
+                            ("ModelSave", ["merged/karcher_blocks"], {"model": (8, 0, "MODEL")})],
     "merge_checkpoints": [("ManifoldMergeCheckpoints", ["model_a.safetensors", "model_b.safetensors", "karcher", "",
                                                         0.5, 0.5, 0.5, "merged_ab"], {}),
                           ("CheckpointSave", ["merged/ab"], {"model": (0, 0, "MODEL"), "clip": (0, 1, "CLIP"),

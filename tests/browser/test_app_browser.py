@@ -166,7 +166,7 @@ def test_block_weights_preset_and_one_slider_then_save_equals_the_cli(app, brows
     page.locator("#manifold_merge_method").get_by_text("slerp", exact=True).click()
     page.locator("#manifold_merge_blocks_section").get_by_text("Block weights").first.click()
     expect(page.locator("#manifold_merge_blocks_note")).to_contain_text("SD1.x (26 blocks)", timeout=30_000)
-    expect(page.locator("#manifold_merge_block_25")).to_be_visible()
+    expect(page.locator("#manifold_merge_block_25")).to_be_visible(timeout=30_000)
     page.click("#manifold_merge_block_preset input")
     page.click('#manifold_merge_block_preset li[aria-label="grad_in_out"]')
     page.keyboard.press("Escape")

@@ -35,9 +35,15 @@ def nodes(monkeypatch, tmp_path):
     return importlib.import_module("mm_pack_nodes.nodes")
 
 
+LEGACY = {"ManifoldMergeKarcherModel", "ManifoldMergeKarcherClip", "ManifoldMergeSlerpModel", "ManifoldMergeSlerpClip",
+          "ManifoldMergeMovingAverageModel", "ManifoldMergeMovingAverageClip", "ManifoldMergeCheckpoints",
+          "ManifoldMergeHyperMerge", "ManifoldMergeHyperLoraLoader", "ManifoldMergeExtractLora"}
+
+
 def test_every_node_has_the_v1_shape(nodes):
     mappings = nodes.NODE_CLASS_MAPPINGS
-    assert set(mappings) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS) and len(mappings) == 10
+    assert set(mappings) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    assert LEGACY | {"ManifoldMergeBlockWeights"} <= set(mappings)
     for node_id, cls in mappings.items():
         assert node_id.startswith("ManifoldMerge") and cls.CATEGORY == "Manifold Merge"
         inputs = cls.INPUT_TYPES()
@@ -52,7 +58,8 @@ def test_karcher_node_takes_two_to_eight_weighted_inputs(nodes):
     assert {"model1", "model2", "weight1", "weight2", "iterations", "tolerance"} <= set(spec["required"])
     assert {f"model{i}" for i in range(3, 9)} <= set(spec["optional"])
     assert cls.RETURN_TYPES == ("MODEL",)
-    assert nodes.NODE_CLASS_MAPPINGS["ManifoldMergeSlerpClip"].INPUT_TYPES()["optional"] == {"base_clip": ("CLIP",)}
+    assert set(nodes.NODE_CLASS_MAPPINGS["ManifoldMergeSlerpClip"].INPUT_TYPES()["optional"]) == {"base_clip",
+                                                                                                  "block_weights"}
     ckpt = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"]
     assert ckpt.RETURN_TYPES == ("MODEL", "CLIP", "VAE")
     assert ckpt.INPUT_TYPES()["required"]["ckpt_1"] == (["a.safetensors", "b.safetensors"],)
@@ -81,7 +88,7 @@ BUILTIN = {"CheckpointLoaderSimple", "CheckpointSave", "ModelSave", "CLIPSave"}
 def test_example_workflows_use_real_nodes_inputs_and_consistent_links(nodes):
     import json
     files = sorted((ROOT / "workflows").glob("*.json"))
-    assert len(files) == 7
+    assert len(files) == 8
     used = set()
     for path in files:
         wf = json.loads(path.read_text())
@@ -93,7 +100,317 @@ def test_example_workflows_use_real_nodes_inputs_and_consistent_links(nodes):
                 spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
                 names = set(spec["required"]) | set(spec.get("optional", {}))
                 assert {i["name"] for i in node["inputs"]} <= names, (path.name, node["type"])
+            if node["type"] == "ManifoldMergeBlockWeights":  # its text parses
+                nodes.NODE_CLASS_MAPPINGS[node["type"]]().run(*node["widgets_values"])
         for link_id, src, slot, dst, dst_slot, typ in wf["links"]:
             assert link_id in by_id[src]["outputs"][slot]["links"]
             assert by_id[dst]["inputs"][dst_slot]["link"] == link_id and by_id[dst]["inputs"][dst_slot]["type"] == typ
-    assert set(nodes.NODE_CLASS_MAPPINGS) - used <= {"ManifoldMergeSlerpClip", "ManifoldMergeMovingAverageClip"}
+    assert (LEGACY | {"ManifoldMergeBlockWeights"}) - used <= {"ManifoldMergeSlerpClip",
+                                                                "ManifoldMergeMovingAverageClip"}
+
+
+# --- generated merge nodes, block weights ------------------------------------------------------------------
+
+def _pack(name):
+    import importlib
+    return importlib.import_module(f"mm_pack_nodes.{name}")
+
+
+class FakeClip:
+    def __init__(self, sd):
+        self.patcher = sd
+
+    def clone(self):
+        return FakeClip(self.patcher)
+
+
+@pytest.fixture
+def host(nodes, monkeypatch):
+    """ComfyUI's side replaced: a MODEL is a plain state dict, a CLIP a FakeClip; merges run on the CPU."""
+    bridge = _pack("nodes.bridge")
+    monkeypatch.setattr(bridge, "effective_weights", lambda obj, prefix=None, skip=(): dict(obj))
+    monkeypatch.setattr(bridge, "torch_device", lambda: "cpu")
+    monkeypatch.setattr(bridge, "intermediate_device", lambda: "cpu")
+    monkeypatch.setattr(bridge, "progress_callback", lambda: None)
+    monkeypatch.setattr(bridge, "patched_clone", lambda patcher, merged: merged)
+    calls = []
+    merge_nodes = _pack("nodes.merge_nodes")
+    real = merge_nodes.merge_state_dicts
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(merge_nodes, "merge_state_dicts", spy)
+    return nodes, calls
+
+
+UNET = {"diffusion_model.time_embed.0.weight": ((8, 4), "BASE"),
+        "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ((8, 768), "IN01"),
+        "diffusion_model.input_blocks.4.0.in_layers.2.weight": ((8, 8), "IN04"),
+        "diffusion_model.middle_block.1.proj_in.weight": ((8, 8), "M00"),
+        "diffusion_model.output_blocks.3.0.skip_connection.weight": ((8, 8), "OUT03"),
+        "diffusion_model.out.2.weight": ((4, 8), "OUT11")}
+CLIP = {"clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (8, 8),
+        "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (8, 8),
+        "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.bias": (8,),
+        "clip_l.transformer.text_model.encoder.layers.0.self_attn.o_proj.bias": (8,),
+        "clip_l.transformer.text_model.final_layer_norm.weight": (8,)}
+
+
+def _sd(shapes, seed):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v[0] if isinstance(v[0], tuple) else v, generator=g) for k, v in shapes.items()}
+
+
+def _block_weights(nodes, arch="sd1", preset="none", text="", overrides=""):
+    (bw,) = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeBlockWeights"]().run(arch, preset, text, overrides)
+    return bw
+
+
+def test_every_registered_method_gets_model_and_clip_nodes_from_its_params(nodes):
+    registry = _pack("merge_core.registry")
+    merge_nodes = _pack("nodes.merge_nodes")
+    for method in registry.all_methods():
+        for kind in ("MODEL", "CLIP"):
+            cls = nodes.NODE_CLASS_MAPPINGS[f"ManifoldMerge{merge_nodes.class_stem(method)}{kind.title()}"]
+            spec = cls.INPUT_TYPES()
+            assert cls.RETURN_TYPES == (kind,) and cls.METHOD == method.name
+            models = merge_nodes.model_input_names(method, kind)
+            assert models[:method.min_models] == [n for n in spec["required"] if spec["required"][n] == (kind,)]
+            assert set(models[method.min_models:]) <= set(spec["optional"])
+            assert spec["optional"]["block_weights"][0] == "BLOCK_WEIGHTS"
+            assert (f"base_{kind.lower()}" in spec["optional"]) == method.takes_base
+            for p in method.params:
+                if merge_nodes.per_input(p):
+                    for i in range(1, len(models) + 1):
+                        assert spec["required" if i <= method.min_models else "optional"][
+                            merge_nodes.per_input_name(p, i)][0] == ("INT" if p.kind is int else "FLOAT")
+                    continue
+                kind_name, opts = spec["required"][merge_nodes.input_name(p)]
+                if kind_name == "STRING":
+                    assert p.per_model or p.default is None or callable(p.default)
+                    continue
+                assert kind_name == ("INT" if p.kind is int else "FLOAT") and opts["default"] == p.default
+                if p.maximum is not None:
+                    assert opts["max"] == p.maximum
+                if p.minimum is not None:
+                    assert opts["min"] == p.minimum if not p.min_open else opts["min"] > p.minimum
+    karcher = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeKarcherModel"].INPUT_TYPES()["required"]
+    assert list(karcher) == ["model1", "weight1", "model2", "weight2", "iterations", "tolerance"]
+    assert karcher["tolerance"][1]["default"] == 1e-5 and karcher["tolerance"][1]["step"] <= 1e-6
+    wma = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeWMAModel"].INPUT_TYPES()["required"]
+    assert wma["weights"][0] == "STRING"  # its default (N..1) depends on the number of models
+    moving = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeMovingAverageModel"].INPUT_TYPES()["required"]
+    assert list(moving) == ["method", "model1", "model2", "alpha", "weights"]
+    ckpt = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"].INPUT_TYPES()
+    assert list(ckpt["required"]) == ["ckpt_1", "ckpt_2", "method", "weights", "t", "alpha", "multiplier", "save_as"]
+    assert ckpt["required"]["method"] == (registry.method_names(),)
+    assert {"iterations", "tolerance", "block_weights"} <= set(ckpt["optional"])
+
+
+def test_a_method_registered_later_gets_its_nodes_without_editing_nodes(host):
+    import torch
+    nodes, calls = host
+    registry = _pack("merge_core.registry")
+    merge_nodes = _pack("nodes.merge_nodes")
+    registry.register(registry.Method(
+        name="lerp-towards-test", label="Lerp towards", order=999, help="first + s*(second - first)",
+        params=(registry.Param("s", 0.25, minimum=0.0, maximum=1.0, per_block=True, label="s",
+                               help="how far towards the second model"),),
+        min_models=2, max_models=2,
+        coefficients=lambda gram, values, n: [1.0 - values["s"], values["s"]]))
+    try:
+        built = merge_nodes.build()
+        cls = built["ManifoldMergeLerpTowardsModel"]
+        spec = cls.INPUT_TYPES()
+        assert list(spec["required"]) == ["model_a", "model_b", "s"]
+        assert {k: spec["required"]["s"][1][k] for k in ("default", "min", "max")} == \
+            {"default": 0.25, "min": 0.0, "max": 1.0}
+        assert "ManifoldMergeLerpTowardsClip" in built
+        assert "lerp-towards-test" in built["ManifoldMergeCheckpoints"].INPUT_TYPES()["required"]["method"][0]
+        a, b = _sd(UNET, 1), _sd(UNET, 2)
+        bw = _block_weights(nodes, text="IN04:1, BASE:0")
+        (out,) = cls().run(model_a=a, model_b=b, s=0.25, block_weights=bw)
+        for key, (_, block) in UNET.items():
+            s = {"IN04": 1.0, "BASE": 0.0}.get(block, 0.25)
+            assert torch.allclose(out[key], a[key] * (1 - s) + b[key] * s, atol=1e-6), key
+    finally:
+        registry.unregister("lerp-towards-test")
+
+
+def test_block_weights_reach_the_model_blocks_of_a_comfyui_model(host):
+    import torch
+    nodes, calls = host
+    a, b = _sd(UNET, 1), _sd(UNET, 2)
+    bw = _block_weights(nodes, text="BASE:0, IN04:0.25, M00:1\nOUT*:0.75")
+    (out,) = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeWeightedSumModel"]().run(
+        model_a=a, model_b=b, multiplier=0.5, block_weights=bw)
+    expected_m = {"BASE": 0.0, "IN01": 0.5, "IN04": 0.25, "M00": 1.0, "OUT03": 0.75, "OUT11": 0.75}
+    for key, (_, block) in UNET.items():
+        m = expected_m[block]
+        assert torch.allclose(out[key], a[key] * (1 - m) + b[key] * m, atol=1e-6), key
+    blocks = calls[-1]["blocks"]
+    assert type(blocks).__name__ == "HostBlockValues" and blocks.kind == "comfy_model"
+    assert calls[-1]["overrides"] == []
+
+
+def test_block_weights_reach_the_text_encoder_block_of_a_comfyui_clip(host):
+    import torch
+    nodes, calls = host
+    a, b = FakeClip(_sd(CLIP, 1)), FakeClip(_sd(CLIP, 2))
+    bw = _block_weights(nodes, text="TE:0.2, BASE:0.9", overrides="final_layer_norm=0.6")
+    (out,) = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeWeightedSumClip"]().run(
+        clip_a=a, clip_b=b, multiplier=0.5, block_weights=bw)
+    assert set(out.patcher) == set(CLIP)  # nothing added (the architecture hint is removed again)
+    for key in CLIP:
+        m = 0.6 if "final_layer_norm" in key else 0.2
+        assert torch.allclose(out.patcher[key], a.patcher[key] * (1 - m) + b.patcher[key] * m, atol=1e-6), key
+    assert calls[-1]["blocks"].kind == "comfy_clip" and calls[-1]["overrides"] == [("final_layer_norm", 0.6)]
+    proj = "clip_l.transformer.text_projection.weight"  # SD1: never loaded by ComfyUI (torch.empty)
+    a.patcher[proj], b.patcher[proj] = torch.ones(8, 8), torch.full((8, 8), float("nan"))
+    (out,) = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeWeightedSumClip"]().run(
+        clip_a=a, clip_b=b, multiplier=0.5, block_weights=bw)
+    assert set(out.patcher) == set(CLIP)  # left out of the merge: the clone keeps clip_a's own
+    sdxl = {**CLIP, **{"clip_g." + k[len("clip_l."):]: v for k, v in CLIP.items()}}
+    MergeError = _pack("merge_core.errors").MergeError
+    with pytest.raises(MergeError, match="block weights are for SD1.x, but the connected models are SDXL: pick sdxl"):
+        nodes.NODE_CLASS_MAPPINGS["ManifoldMergeWeightedSumClip"]().run(
+            clip_a=FakeClip(_sd(sdxl, 1)), clip_b=FakeClip(_sd(sdxl, 2)), multiplier=0.5, block_weights=bw)
+
+
+def test_karcher_rows_one_per_model_equal_the_engine_with_the_same_blocks(host):
+    import torch
+    nodes, calls = host
+    engine = _pack("merge_core.engine")
+    sds = [_sd(UNET, i) for i in (1, 2, 3)]
+    bw = _block_weights(nodes, text="model1: IN*:3, BASE:1\nmodel2: OUT*:2\nM00:0.5")
+    (out,) = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeKarcherModel"]().run(
+        model1=sds[0], weight1=1.0, model2=sds[1], weight2=2.0, model3=sds[2], weight3=1.0, iterations=10,
+        tolerance=1e-5, block_weights=bw)
+    ours = engine.merge(sds, "karcher", params={"weights": [1.0, 2.0, 1.0]},
+                        blocks=["M00:0.5, IN*:3, BASE:1", "M00:0.5, OUT*:2", "M00:0.5"]).state_dict
+    plain = engine.merge(sds, "karcher", params={"weights": [1.0, 2.0, 1.0]}).state_dict
+    for key in UNET:
+        assert torch.allclose(out[key], ours[key], atol=1e-6), key
+    assert not torch.allclose(out["diffusion_model.middle_block.1.proj_in.weight"],
+                              plain["diffusion_model.middle_block.1.proj_in.weight"])
+    assert isinstance(calls[-1]["blocks"], list) and len(calls[-1]["blocks"]) == 3
+
+
+def test_the_checkpoint_merger_passes_block_weights_to_the_file_merge(host, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+    nodes, calls = host
+    engine = _pack("merge_core.engine")
+    merge_nodes = _pack("nodes.merge_nodes")
+    paths = []
+    for i in (1, 2):
+        sd = {"model." + k: v for k, v in _sd(UNET, i).items()}
+        sd.update({"cond_stage_model.transformer." + k[len("clip_l.transformer."):]: v
+                   for k, v in _sd(CLIP, i).items()})
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(sd, paths[-1])
+    fp = sys.modules["folder_paths"]
+    monkeypatch.setattr(fp, "get_full_path_or_raise", lambda kind, name: str(tmp_path / name), raising=False)
+    monkeypatch.setattr(merge_nodes, "load_result", lambda output, result: result.state_dict)
+    seen = []
+    real = merge_nodes.engine_merge
+    monkeypatch.setattr(merge_nodes, "engine_merge", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    bw = _block_weights(nodes, text="OUT*:0.9, TE:0.1, M00:0", overrides="attn2=0.3")
+    out = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"]().run(
+        method="weighted", save_as="", ckpt_1="m1.safetensors", ckpt_2="m2.safetensors", weights="", t=0.5,
+        alpha=0.5, multiplier=0.4, block_weights=bw)
+    ours = engine.merge(paths, "weighted", params={"multiplier": 0.4}, blocks="OUT*:0.9, TE:0.1, M00:0",
+                        overrides=[("attn2", 0.3)]).state_dict
+    assert set(out) == set(ours)
+    for key in ours:
+        assert torch.equal(out[key], ours[key]), key
+    assert seen[-1]["blocks"].kind == "checkpoint" and seen[-1]["params"] == {"multiplier": 0.4}
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("arch,preset,text,overrides,message", [
+    ("sd1", "none", "", "", "block weights: nothing set"),
+    ("sdxl", "none", "IN11:1", "", "block weights: IN11 is not an SDXL block"),
+    ("sd1", "none", "0.5, 0.5, 0.5", "", "block weights: 3 values, but SD1.x takes 26"),
+    ("sd1", "none", "0," * 19 + "0", "", "20 values is a SDXL block list"),
+    ("sd1", "none", "M00:x", "", "block weights: M00: 'x' is not a number"),
+    ("sd1", "none", "M00:nan", "", "not a finite number"),
+    ("sd1", "none", "model9: M00:1", "", "block weights: model9: a node takes models 1 to 8"),
+    ("sd1", "none", "model1:", "", "block weights: the model1: row is empty"),
+    ("sd1", "none", "model2: OUT*:x", "", "block weights model2: OUT*: 'x' is not a number"),
+    ("sd1", "none", "", "attn2", "block weights override: 'attn2' is not PATTERN=VALUE"),
+    ("sd1", "none", "", "attn2=big", "block weights override attn2: 'big' is not a number"),
+    ("sd9", "none", "M00:1", "", "block weights: unknown architecture 'sd9'"),
+])
+def test_block_weights_node_errors_are_one_line_in_node_words(nodes, arch, preset, text, overrides, message):
+    MergeError = _pack("merge_core.errors").MergeError
+    with pytest.raises(MergeError) as info:
+        _block_weights(nodes, arch, preset, text, overrides)
+    assert message in str(info.value) and "--" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_block_weights_node_output(nodes):
+    blocks = _pack("merge_core.blocks")
+    bw = _block_weights(nodes, "sdxl", "grad_in_out", "M00:1\nOUT08=0.5", "# comment\n*.attn2.*=0\n")
+    expected = blocks.preset(blocks.architecture("sdxl"), "grad_in_out").values
+    assert bw.arch == "sdxl" and bw.common == {**expected, "M00": 1.0, "OUT08": 0.5}
+    assert bw.rows == {} and bw.overrides == (("*.attn2.*", 0.0),)
+    listed = _block_weights(nodes, "sd1", "none", ",".join(["0.5"] * 26))
+    assert listed.common == {b: 0.5 for b in blocks.architecture("sd1").blocks}
+    rows = _block_weights(nodes, "flux", "none", "model1: D*:1\nmodel2: S*:1\nmodel1: D00:0")
+    assert rows.common == {} and rows.rows[1]["D00"] == 0.0 and rows.rows[1]["D01"] == 1.0
+    assert set(rows.rows[2]) == {f"S{i:02d}" for i in range(38)}
+    assert repr(bw) == repr(_block_weights(nodes, "sdxl", "grad_in_out", "M00:1\nOUT08=0.5", "*.attn2.*=0"))
+
+
+def _run_node(nodes, name, **inputs):
+    return nodes.NODE_CLASS_MAPPINGS[name]().run(**inputs)
+
+
+@pytest.mark.parametrize("node,inputs,bw,message", [
+    ("ManifoldMergeSlerpModel", {"t": 0.5}, ("sd1", "model1: M00:1"),
+     "block weights: SLERP takes one row (t per block); remove the 'model1:' label"),
+    ("ManifoldMergeKarcherModel", {"weight1": 1.0, "weight2": 1.0, "iterations": 10, "tolerance": 1e-5},
+     ("sd1", "model3: M00:1"), "block weights: a model3: row, but only 2 models are connected"),
+    ("ManifoldMergeKarcherModel", {"weight1": 1.0, "weight2": 1.0, "iterations": 10, "tolerance": 1e-5},
+     ("sd1", "M00:1", "attn2=0.5"), "block weights overrides set one number per key, but Karcher mean's weights"),
+    ("ManifoldMergeSlerpModel", {"t": 0.5}, ("sd1", "M00:1.5"), "block weights (t, M00) must be in [0, 1], got 1.5"),
+    ("ManifoldMergeSlerpModel", {"t": 0.5}, ("sdxl", "M00:1"),
+     "block weights are for SDXL, but the connected models are SD1.x: pick sd1"),
+    ("ManifoldMergeSlerpModel", {"t": 0.5}, ("sd1", "", "zzz=0.5"),
+     "block weights override: pattern 'zzz' matches no key"),
+    ("ManifoldMergeSMAModel", {}, ("sd1", "M00:1"), "SMA has no parameter that can vary per block"),
+    ("ManifoldMergeSlerpModel", {"t": 1.5}, None, "t must be in [0, 1], got 1.5"),
+    ("ManifoldMergeMovingAverageModel", {"method": "wma", "alpha": 0.5, "weights": "1,2,3"}, None,
+     "weights: 3 values given for 2 models"),
+    ("ManifoldMergeMovingAverageModel", {"method": "wma", "alpha": 0.5, "weights": "1,x"}, None,
+     "weights: expected numbers"),
+])
+def test_merge_node_errors_name_the_problem_in_node_words(host, node, inputs, bw, message):
+    nodes, calls = host
+    MergeError = _pack("merge_core.errors").MergeError
+    names = ("model_a", "model_b") if "Slerp" in node else ("model1", "model2")
+    models = {names[0]: _sd(UNET, 1), names[1]: _sd(UNET, 2)}
+    if bw is not None:
+        inputs = {**inputs, "block_weights": _block_weights(nodes, bw[0], "none", bw[1], *bw[2:])}
+    with pytest.raises(MergeError) as info:
+        _run_node(nodes, node, **models, **inputs)
+    text = str(info.value)
+    assert message in text and "--" not in text and "\n" not in text, text
+    assert not calls or "Slerp" in node  # a bad widget/row stops before merge_core runs (overrides: inside it)
+
+
+def test_cli_flags_in_core_messages_become_input_names(nodes):
+    merge_nodes = _pack("nodes.merge_nodes")
+    registry = _pack("merge_core.registry")
+    methods = registry.all_methods()
+    assert merge_nodes.node_words("--karcher-iter must be a whole number", methods) == \
+        "iterations must be a whole number"
+    assert merge_nodes.node_words("--blocks: 2 block rows given", methods) == "block_weights: 2 block rows given"
+    assert merge_nodes.node_words("cannot merge different architectures (a: SD1.x; b: SDXL). Use --force to merge "
+                                  "only the keys they share.", methods).endswith("Connect models of one architecture.")
+    assert "--" not in merge_nodes.node_words("x.safetensors: output already exists (use --overwrite to replace it)",
+                                              methods)

@@ -7,6 +7,7 @@ MANIFOLD_REQUIRE_GRADIO=1 (set by .ci/webui.sh), which turns the skip into a fai
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import subprocess
 import time
@@ -363,7 +364,8 @@ def _merge_args(**given) -> list:
     from manifold_webui.ui import method_params, merge_input_names
     defaults = {p.name: (p.default if not callable(p.default) and p.default is not None else
                          ("" if p.per_model else 0)) for p in method_params()}
-    defaults.update(weights="", base="(none)", dtype="auto", device="host", blocks="", overrides="")
+    defaults.update(weights="", base="(none)", dtype="auto", device="host", blocks="", overrides="", vae="(none)",
+                    discard="", drop_ema=False, shared_only=False, overwrite=False)
     defaults.update(given)
     return [defaults[n] for n in merge_input_names()]
 
@@ -420,8 +422,8 @@ def test_block_weights_over_http_equal_the_cli_and_errors_use_the_tabs_words(web
             bad = _merge_args(method="karcher", models=_titles(webui), karcher_tol=bad_tol, name="bw_bad",
                               blocks="\n".join([bad_blocks] * 3) if bad_blocks else "")
             result = client.predict(*bad, api_name="/manifold_merge_save")
-            assert result[0].startswith("Error:") and message in result[0], result[0]
-            assert "--" not in result[0]
+            assert "manifold-merge-error" in result[0] and "Error:" in result[0], result[0]
+            assert html.unescape(message) in html.unescape(result[0]) and "--" not in result[0]
         assert sorted(p.name for p in webui.ckpt_dir.iterdir()) == before
 
 
@@ -465,9 +467,15 @@ def test_webui_names_must_be_titles_from_the_hosts_list(webui, tmp_path):
     assert [r[0] for r in rows] == ["demo_model_1", "demo_model_2", "demo_model_3"]
 
 
+def _plain(message: str) -> str:
+    """A status as the user reads it: the error styling's tags and mark taken off."""
+    import re
+    return html.unescape(re.sub(r"<[^>]+>", "", message)).strip().lstrip("✖⚠ ").strip()
+
+
 def _inspect_over_http(client, names):
     result = client.predict(names, api_name="/manifold_merge_inspect")
-    return result[0], repr(result)
+    return _plain(result[0]), repr(result)
 
 
 def test_inspect_over_http_refuses_paths_outside_the_folder(webui, tmp_path):
@@ -572,7 +580,7 @@ def test_cancel_reaches_a_running_job_over_http(webui):
         while not any(c[0] == "state.begin" for c in webui.calls) and time.time() < deadline:
             time.sleep(0.05)
         client.predict(api_name="/manifold_merge_hyper_cancel")
-        message = job.result(timeout=120)[0]
+        message = _plain(job.result(timeout=120)[0])
         assert message.startswith("Cancelled"), message
         assert webui.calls[-1] == ("state.end", "Manifold Merge: hyper-merge")
         assert list(webui.lora_dir.iterdir()) == []

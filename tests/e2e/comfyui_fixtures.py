@@ -2,7 +2,8 @@
 
 UNet: ComfyUI's own UNetModel at SD1.5 widths (320 channels, 768 context) with the depth shrunk (one
 level, one res block); CLIP-L and VAE with their real shapes (from merge_core's SD1.5 layout), shared
-by all models; each model's UNet is the same random base plus its own perturbation.
+by all models except two CLIP tensors (so a CLIP merge has something to merge); each model's UNet is the same
+random base plus its own perturbation.
 
 usage: python comfyui_fixtures.py COMFYUI_DIR LAYOUT_JSON OUT_DIR N
 """
@@ -33,9 +34,13 @@ gen = torch.Generator().manual_seed(1)
 shared = {t["key"]: (torch.randn(t["shape"], generator=gen) * 0.02).half()
           for t in layout if t["key"].startswith(("cond_stage_model.", "first_stage_model."))}
 shared["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+PER_MODEL_CLIP = ("cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight",
+                  "cond_stage_model.transformer.text_model.final_layer_norm.weight")
 for m in range(count):
     g = torch.Generator().manual_seed(100 + m)
     sd = dict(shared)
+    for k in PER_MODEL_CLIP:
+        sd[k] = (shared[k].float() + torch.randn(shared[k].shape, generator=g) * 0.01).half()
     for k, v in base.items():
         noise = torch.randn(v.shape, generator=g) * 0.01
         sd["model.diffusion_model." + k] = (v + noise).half()

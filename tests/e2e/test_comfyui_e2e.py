@@ -20,7 +20,9 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a Co
 ROOT = Path(__file__).resolve().parents[2]
 NODES = ["ManifoldMergeKarcherModel", "ManifoldMergeKarcherClip", "ManifoldMergeSlerpModel", "ManifoldMergeSlerpClip",
          "ManifoldMergeMovingAverageModel", "ManifoldMergeMovingAverageClip", "ManifoldMergeCheckpoints",
-         "ManifoldMergeHyperMerge", "ManifoldMergeHyperLoraLoader", "ManifoldMergeExtractLora"]
+         "ManifoldMergeHyperMerge", "ManifoldMergeHyperLoraLoader", "ManifoldMergeExtractLora",
+         "ManifoldMergeBlockWeights", "ManifoldMergeWeightedSumModel", "ManifoldMergeAddDifferenceClip",
+         "ManifoldMergeEMAModel", "ManifoldMergeWMAClip"]
 
 
 def _free_port() -> int:
@@ -124,6 +126,92 @@ def test_every_node_is_registered(comfy):
     missing = [n for n in NODES if n not in info]
     assert not missing, missing
     assert info["ManifoldMergeKarcherModel"]["category"] == "Manifold Merge"
+    for name, node in info.items():  # every merge node takes block weights
+        if name.startswith("ManifoldMerge") and name.endswith(("Model", "Clip", "Checkpoints")):
+            assert node["input"]["optional"]["block_weights"][0] == "BLOCK_WEIGHTS", name
+    assert info["ManifoldMergeBlockWeights"]["output"] == ["BLOCK_WEIGHTS"]
+
+
+def _cli(base, method, n, name, *args):
+    """The same merge through the command line (python -m merge_core merge), in float32."""
+    from safetensors.torch import load_file
+    out = base / f"cli_{name}.safetensors"
+    paths = [str(base / "checkpoints" / f"tiny_sd15_{i}.safetensors") for i in range(n)]
+    proc = subprocess.run([sys.executable, "-m", "merge_core", "merge", "--models", *paths, "--method", method,
+                           "--output", str(out), "--dtype", "fp32", "--no-hash", "--quiet", "--overwrite", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(out)
+
+
+BLOCKS = "BASE:0.2, IN00-IN01:0.9, M00:0.1, OUT*:0.6, TE:0.8"
+
+
+def test_block_weights_node_feeds_slerp_and_karcher_like_the_cli(comfy):
+    """Block weights -> SLERP (MODEL and CLIP) and Karcher (one row per model): the same tensors as the CLI
+    given the same blocks; ComfyUI's MODEL (diffusion_model.) and CLIP (clip_l.) keys land in their blocks."""
+    url, base = comfy
+    bw = "ManifoldMergeBlockWeights"
+    graph = {**_loaders(3),
+             "B": {"class_type": bw, "inputs": {"architecture": "sd1", "preset": "none", "text": BLOCKS,
+                                                "overrides": "attn2=0.05"}},
+             "BC": {"class_type": bw, "inputs": {"architecture": "sd1", "preset": "none", "text": BLOCKS,
+                                                 "overrides": ""}},
+             "BK": {"class_type": bw, "inputs": {"architecture": "sd1", "preset": "grad_in_out",
+                                                 "text": "model1: IN*:3, BASE:1\nmodel2: OUT*:2\nM00:0.5"}},
+             "T": {"class_type": "ManifoldMergeSlerpModel",
+                   "inputs": {"model_a": ["L0", 0], "model_b": ["L1", 0], "t": 0.3, "block_weights": ["B", 0]}},
+             "TC": {"class_type": "ManifoldMergeSlerpClip",
+                    "inputs": {"clip_a": ["L0", 1], "clip_b": ["L1", 1], "t": 0.3, "block_weights": ["BC", 0]}},
+             "K": {"class_type": "ManifoldMergeKarcherModel",
+                   "inputs": {"model1": ["L0", 0], "weight1": 1.0, "model2": ["L1", 0], "weight2": 2.0,
+                              "model3": ["L2", 0], "weight3": 1.0, "iterations": 10, "tolerance": 1e-5,
+                              "block_weights": ["BK", 0]}},
+             "S1": {"class_type": "ModelSave", "inputs": {"model": ["T", 0], "filename_prefix": "e2e/bslerp"}},
+             "S2": {"class_type": "CLIPSave", "inputs": {"clip": ["TC", 0], "filename_prefix": "e2e/bclip"}},
+             "S3": {"class_type": "ModelSave", "inputs": {"model": ["K", 0], "filename_prefix": "e2e/bkarcher"}}}
+    _run(url, base, graph)
+    slerp_cli = _cli(base, "slerp", 2, "slerp", "--t", "0.3", "--blocks", BLOCKS, "--override", "attn2=0.05")
+    plain = _ours(base, "slerp", 2, t=0.3)
+    _compare_unet(_saved(base, "e2e/bslerp"), slerp_cli)
+    differs = [k for k in slerp_cli if k.startswith("model.diffusion_model.")
+               and not torch.allclose(slerp_cli[k], plain[k], atol=1e-6)]
+    assert len(differs) > 100  # the blocks changed (nearly) every key
+    rows = ["grad_in_out, M00:0.5, IN*:3, BASE:1", "grad_in_out, M00:0.5, OUT*:2", "grad_in_out, M00:0.5"]
+    karcher_cli = _cli(base, "karcher", 3, "karcher", "--weights", "1", "2", "1",
+                       *[a for row in rows for a in ("--blocks", row)])
+    _compare_unet(_saved(base, "e2e/bkarcher"), karcher_cli)
+    clip = _saved(base, "e2e/bclip")  # CLIPSave strips "clip_l." and "transformer."
+    te_only = _ours(base, "slerp", 2, t=0.8)  # every CLIP key is in TE (0.8)
+    for k in ("text_model.encoder.layers.11.mlp.fc2.weight", "text_model.final_layer_norm.weight"):
+        ckpt_key = "cond_stage_model.transformer." + k
+        assert torch.allclose(clip[k].float(), slerp_cli[ckpt_key].to(clip[k].dtype).float(), atol=1e-3), k
+        assert torch.allclose(slerp_cli[ckpt_key], te_only[ckpt_key].float(), atol=1e-5), k
+        assert not torch.allclose(slerp_cli[ckpt_key], plain[ckpt_key].float(), atol=1e-4), k
+
+
+def test_block_weights_on_the_checkpoint_merger_and_errors_in_node_words(comfy):
+    url, base = comfy
+    graph = {"B": {"class_type": "ManifoldMergeBlockWeights",
+                   "inputs": {"architecture": "sd1", "preset": "none", "text": "OUT*:0.9, TE:0.1, M00:0"}},
+             "M": {"class_type": "ManifoldMergeCheckpoints",
+                   "inputs": {"ckpt_1": "tiny_sd15_0.safetensors", "ckpt_2": "tiny_sd15_1.safetensors",
+                              "method": "weighted", "weights": "", "t": 0.5, "alpha": 0.5, "multiplier": 0.4,
+                              "save_as": "", "block_weights": ["B", 0]}},
+             "S": {"class_type": "ModelSave", "inputs": {"model": ["M", 0], "filename_prefix": "e2e/bweighted"}}}
+    _run(url, base, graph)
+    ours = _cli(base, "weighted", 2, "weighted", "--multiplier", "0.4", "--blocks", "OUT*:0.9, TE:0.1, M00:0")
+    _compare_unet(_saved(base, "e2e/bweighted"), ours, stored_as=torch.float16)
+    bad = {**_loaders(2),
+           "B": {"class_type": "ManifoldMergeBlockWeights",
+                 "inputs": {"architecture": "sdxl", "preset": "flat", "text": ""}},
+           "T": {"class_type": "ManifoldMergeSlerpModel",
+                 "inputs": {"model_a": ["L0", 0], "model_b": ["L1", 0], "t": 0.3, "block_weights": ["B", 0]}},
+           "S": {"class_type": "ModelSave", "inputs": {"model": ["T", 0], "filename_prefix": "e2e/never"}}}
+    hist = _run(url, base, bad, expect="error")
+    messages = json.dumps(hist["status"].get("messages", []))
+    assert "block weights are for SDXL, but the connected models are SD1.x" in messages and "--" not in messages
+    assert not list((base / "output").glob("e2e/never*"))
 
 
 def test_karcher_node_matches_merge_core(comfy):
