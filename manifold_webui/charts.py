@@ -57,3 +57,29 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str) -> str
                     "background:#2166ac'></span></span>"
                     f"<span style='width:6em;font-family:monospace;text-align:right'>{float(value):.4f}</span></div>")
     return f"<div class='manifold-bars'><b>{html.escape(title)}</b>{''.join(bars)}</div>"
+
+
+def block_table(names: Sequence[str], blocks: dict) -> str:
+    """Per-block similarity: one row per block, one column per pair of models (cosine, coloured, with the
+    angle); the least similar block of each pair is the deepest colour."""
+    n = len(names)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if not blocks or not pairs:
+        return ""
+    esc = [html.escape(s) for s in names]
+    head = "".join(f"<th style='padding:4px 8px'>{esc[i]} · {esc[j]}</th>" for i, j in pairs)
+    columns = {p: [float(m[p[0]][p[1]]) for m in blocks.values()] for p in pairs}
+    rows = []
+    for row, (block, matrix) in enumerate(blocks.items()):
+        cells = []
+        for pair in pairs:
+            v = float(matrix[pair[0]][pair[1]])
+            low, high = min(columns[pair]), max(columns[pair])
+            colour = _cell_colour(high + low - v, low, high)  # less similar = deeper
+            angle = math.degrees(math.acos(max(-1.0, min(1.0, v))))
+            cells.append(f"<td title='{html.escape(block)}' style='background:{colour};padding:2px 8px;"
+                         f"text-align:right;font-family:monospace'>{v:.6f} <small>{angle:.2f}°</small></td>")
+        rows.append(f"<tr><th style='padding:2px 8px;text-align:left'>{html.escape(block)}</th>{''.join(cells)}</tr>")
+    return ("<div class='manifold-merge-block-similarity' style='overflow-x:auto;margin-top:12px'>"
+            "<div style='font-weight:600'>Per block (where the models differ)</div>"
+            f"<table style='border-collapse:collapse'><tr><th></th>{head}</tr>{''.join(rows)}</table></div>")

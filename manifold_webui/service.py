@@ -353,6 +353,7 @@ class MergeService:
                 sim = pairwise_cosine(paths, names=[p.stem for p in paths], progress=progress)
             out["similarity"] = sim
             out["heatmap"] = charts.heatmap(sim["names"], sim["cosine"])
+            out["block_heatmap"] = charts.block_table(sim["names"], sim.get("blocks") or {})
         return out
 
 

@@ -247,6 +247,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 inspect_table = gr.Dataframe(headers=list(INSPECT_COLUMNS), label="Models", interactive=False,
                                               elem_id="manifold_merge_inspect_table")
                 heatmap = gr.HTML("", elem_id="manifold_merge_heatmap")
+                block_similarity = gr.HTML("", elem_id="manifold_merge_block_similarity")
                 with gr.Accordion("Metadata", open=False):
                     metadata = gr.Code(language="json", label="Metadata", elem_id="manifold_merge_metadata")
 
@@ -387,6 +388,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
             return choice_updates(chosen or [], b, hyper_chosen or [], inspect_chosen or [])
 
         refresh.click(on_refresh, pickers, pickers, api_name="manifold_merge_refresh")
+        refresh.click(lambda chosen: gr.update(choices=[NONE] + service.vaes()), vae, vae, queue=False)
         hyper_refresh.click(on_refresh, pickers, pickers, queue=False)
         inspect_refresh.click(on_refresh, pickers, pickers, queue=False)
 
@@ -412,8 +414,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 choice_updates(models=list(chosen or []), base=b)
 
         save.click(on_save, merge_inputs + [armed], [status, saved_title, armed], api_name="manifold_merge_save") \
-            .then(after_save, [saved_title, models, base], [switch, recipe_box] + pickers, show_progress="hidden",
-                  queue=False)
+            .then(after_save, [saved_title, models, base], [switch, recipe_box] + pickers, show_progress="hidden")
 
         def on_load(progress=gr.Progress(), *values):
             try:
@@ -451,7 +452,7 @@ def build_tab(service: MergeService) -> gr.Blocks:
         hyper_run.click(on_hyper, [hyper_models, ranks, iterations, hyper_name, hyper_dtype],
                         [hyper_status, hyper_payload, hyper_result], api_name="manifold_merge_hyper") \
             .then(after_hyper, [hyper_result, hyper_models], [multipliers, hyper_table, hyper_chart] + pickers,
-                  show_progress="hidden", queue=False)
+                  show_progress="hidden")
         hyper_cancel.click(service.cancel, None, hyper_status, queue=False, api_name="manifold_merge_hyper_cancel")
 
         # ---- Inspect events
@@ -470,11 +471,12 @@ def build_tab(service: MergeService) -> gr.Blocks:
 
         def after_inspect(out):
             if not out:
-                return gr.update(), gr.update(), gr.update()
-            return _frame(out["headers"], out["rows"]), out["heatmap"] + out.get("block_heatmap", ""), out["metadata"]
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            return (_frame(out["headers"], out["rows"]), out["heatmap"], out.get("block_heatmap", ""),
+                    out["metadata"])
 
         inspect_run.click(on_inspect, inspect_models, [inspect_status, inspect_payload, inspect_result],
                           api_name="manifold_merge_inspect") \
-            .then(after_inspect, inspect_result, [inspect_table, heatmap, metadata], show_progress="hidden",
-                  queue=False)
+            .then(after_inspect, inspect_result, [inspect_table, heatmap, block_similarity, metadata],
+                  show_progress="hidden")
     return tab

@@ -27,6 +27,25 @@ def cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
     return cos.clamp(-1.0, 1.0)
 
 
+def _block_namer(source):
+    """key -> its block (the list-form block of the first model's architecture), or None where the
+    architecture has no block map. Which blocks two models differ in is what a block-weight user needs."""
+    from .arch import detect_architecture
+    from .blocks import BlockSpecError, architecture
+    try:
+        arch = architecture(detect_architecture(source.specs()))
+    except BlockSpecError:
+        return None
+    if hasattr(arch, "sized"):
+        arch = arch.sized(source.keys())
+
+    def block_of(key: str) -> str:
+        return arch.block(key)
+    block_of.order = list(arch.blocks)
+    block_of.arch = arch.name
+    return block_of
+
+
 @torch.no_grad()
 def pairwise_cosine(models: Sequence, names: Sequence[str] | None = None, base=None,
                     progress: Progress | None = None) -> dict:
@@ -34,7 +53,8 @@ def pairwise_cosine(models: Sequence, names: Sequence[str] | None = None, base=N
 
     With `base`, the cosines are of the task vectors (model - base), which is
     what SLERP/Karcher in base mode interpolate. Returns names, the matrix (as
-    lists), the number of keys compared and the keys skipped.
+    lists), the number of keys compared and the keys skipped, and the same matrix per
+    block of the architecture (`blocks`: block name -> matrix, in the usual order).
     """
     if len(models) < 2:
         raise MergeError("pick at least two models to compare")
@@ -52,17 +72,29 @@ def pairwise_cosine(models: Sequence, names: Sequence[str] | None = None, base=N
         if not keys:
             raise MergeError(f"{', '.join(s.name for s in sources)}: no floating-point tensors in common to compare")
         gram = torch.zeros(len(sources), len(sources), dtype=torch.float64)
+        block_of = _block_namer(first)
+        block_grams: dict[str, torch.Tensor] = {}
         for done, key in enumerate(keys, 1):
             tensors = [s.load(key) for s in sources]
             base_tensor = base_source.load(key) if base_source is not None else None
-            gram += gram_matrix(tensors, base_tensor, compute_dtype=torch.float64)  # cosines near 1 need it
+            key_gram = gram_matrix(tensors, base_tensor, compute_dtype=torch.float64)  # cosines near 1 need it
+            gram += key_gram
+            if block_of is not None:
+                block = block_of(key)
+                block_grams[block] = block_grams.get(block, 0) + key_gram
             for s in sources + ([base_source] if base_source is not None else []):
                 s.release(key)
             if progress is not None and progress(done, len(keys), key) is False:
                 raise MergeCancelled("comparison cancelled")
+        blocks = {}
+        if block_of is not None:
+            order = {b: i for i, b in enumerate(block_of.order)}
+            for block in sorted(block_grams, key=lambda b: order.get(b, len(order))):
+                blocks[block] = cosine_from_gram(block_grams[block]).tolist()
         return {"names": [s.name for s in sources], "cosine": cosine_from_gram(gram).tolist(),
                 "norms": gram.diagonal().clamp_min(0).sqrt().tolist(), "keys_compared": len(keys),
-                "keys_skipped": skipped}
+                "keys_skipped": skipped, "blocks": blocks,
+                "architecture": block_of.arch if block_of is not None else None}
     finally:
         for s in sources + ([base_source] if base_source is not None else []):
             s.close()

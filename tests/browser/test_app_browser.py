@@ -9,6 +9,7 @@ finished tab there (docs/screenshot-tab.png is made this way).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -133,6 +134,9 @@ def test_inspect_shows_the_similarity_heatmap(app, browser):
     expect(page.locator("#manifold_merge_inspect_status")).to_contain_text("Compared 1130 tensors", timeout=120_000)
     cells = page.locator("#manifold_merge_heatmap td")
     expect(cells).to_have_count(9)
+    # per block: 26 SD1 blocks x 3 pairs of models
+    expect(page.locator("#manifold_merge_block_similarity td")).to_have_count(26 * 3)
+    expect(page.locator("#manifold_merge_block_similarity")).to_contain_text("OUT11")
     expect(page.locator("#manifold_merge_inspect_table")).to_contain_text("sd1")
     shot = os.environ.get("MANIFOLD_SCREENSHOT_INSPECT")
     if shot:
@@ -195,4 +199,100 @@ def test_block_weights_preset_and_one_slider_then_save_equals_the_cli(app, brows
         assert set(ours.keys()) == set(cli.keys())
         for key in cli.keys():
             assert torch.equal(ours.load(key), cli.load(key)), key
+    page.close()
+
+
+def _progress_owners(page) -> list[str]:
+    """The components that show a running job's progress text right now."""
+    return page.evaluate("""() => [...document.querySelectorAll('.progress-text')]
+        .filter(e => e.offsetParent !== null && !e.closest('.wrap.hide'))  // gradio's hidden trackers: class hide
+        .map(e => ((e.closest('[id]') || {}).id || '?') + '|' +
+            (e.closest('.wrap') || {}).className + '|' + e.textContent.trim().slice(0, 40))""")
+
+
+def test_a_hyper_merge_shows_one_progress_display(app, browser):
+    url, folder = app
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Hyper-merge").click()
+    for name in DEMO:
+        page.click("#manifold_merge_hyper_models input")
+        page.click(f'#manifold_merge_hyper_models li[aria-label="{name}"]')
+    page.keyboard.press("Escape")
+    page.fill("#manifold_merge_hyper_ranks textarea", "8 8")
+    page.fill("#manifold_merge_hyper_name textarea", "one_bar")
+    page.click("#manifold_merge_hyper_run")
+    seen = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        owners = _progress_owners(page)
+        if owners:
+            seen.append(owners)
+        if "Wrote one_bar_hyper" in page.locator("#manifold_merge_hyper_status").inner_text():
+            break
+        time.sleep(0.2)
+    assert seen, "no progress was shown"
+    assert all(len(owners) == 1 and owners[0].startswith("manifold_merge_hyper_status|") for owners in seen), \
+        [o for o in seen if len(o) != 1 or not o[0].startswith("manifold_merge_hyper_status|")]
+    expect(page.locator("#manifold_merge_hyper_tags textarea")).to_have_value(re.compile("<lora:one_bar_0-8:"))
+    page.close()
+
+
+def test_automatic_name_bake_vae_discard_and_drop_ema_equal_the_cli(app, browser, tmp_path):
+    """Empty name: an A1111-style automatic one; the output options give the CLI's file; the new file is
+    offered in every picker at once."""
+    from merge_core.cli import main
+    from merge_core.io import save_safetensors
+    url, folder = app
+    with open_model(folder / DEMO[0]) as src:
+        vae = {k[len("first_stage_model."):]: src.load(k).float() * 0 + 0.125
+               for k in src.keys() if k.startswith("first_stage_model.")}
+    (folder / "VAE").mkdir(exist_ok=True)
+    save_safetensors(folder / "VAE" / "test_vae.safetensors", vae)
+    page = _open(browser, url)
+    page.click("#manifold_merge_refresh")  # the VAE list follows the folder
+    _pick(page, DEMO[:2])
+    page.locator("#manifold_merge_method").get_by_text("weighted", exact=True).click()
+    page.locator("#manifold_merge_output_options").get_by_text("Output options").first.click()
+    page.click("#manifold_merge_vae input")
+    page.click('#manifold_merge_vae li[aria-label="test_vae.safetensors"]')
+    page.keyboard.press("Escape")
+    page.fill("#manifold_merge_discard textarea", r"attn1\.to_q")
+    page.locator("#manifold_merge_drop_ema input").check()
+    page.click("#manifold_merge_save")
+    auto = "0.5(demo_model_1) + 0.5(demo_model_2).safetensors"
+    expect(page.locator("#manifold_merge_status")).to_contain_text(f"Saved {auto}", timeout=180_000)
+    cli_out = tmp_path / "cli.safetensors"
+    assert main(["merge", "--models", *[str(folder / n) for n in DEMO[:2]], "--method", "weighted",
+                 "--vae", str(folder / "VAE" / "test_vae.safetensors"), "--discard", r"attn1\.to_q", "--drop-ema",
+                 "--output", str(cli_out), "-q"]) == 0
+    with open_model(folder / auto) as ours, open_model(cli_out) as cli:
+        assert set(ours.keys()) == set(cli.keys()) and not any("attn1.to_q" in k for k in ours.keys())
+        for key in cli.keys():
+            assert torch.equal(ours.load(key), cli.load(key)), key
+        assert float(ours.load("first_stage_model.decoder.conv_in.bias").float().mean()) == 0.125
+    for picker, tab in (("manifold_merge_models", None), ("manifold_merge_inspect_models", "Inspect"),
+                        ("manifold_merge_hyper_models", "Hyper-merge")):
+        if tab:
+            page.get_by_role("tab", name=tab).click()
+        page.click(f"#{picker} input")
+        expect(page.locator(f'#{picker} li[aria-label="{auto}"]')).to_have_count(1)
+        page.keyboard.press("Escape")
+    page.close()
+
+
+def test_errors_look_like_errors_and_speak_the_tabs_language(app, browser):
+    url, folder = app
+    page = _open(browser, url)
+    _pick(page, DEMO)
+    page.locator("#manifold_merge_method").get_by_text("karcher", exact=True).click()
+    page.fill("#manifold_merge_karcher_tol input", "0")
+    page.fill("#manifold_merge_name textarea", "bad_tol")
+    page.click("#manifold_merge_save")
+    error = page.locator("#manifold_merge_status .manifold-merge-error")
+    expect(error).to_contain_text("“Karcher tolerance” must be in (0, 1]", timeout=60_000)
+    assert "--" not in error.inner_text()
+    colour = error.evaluate("e => getComputedStyle(e).color")
+    assert colour == "rgb(217, 83, 79)", colour
+    expect(page.locator("#manifold_merge_recipe_box")).to_be_hidden()  # no recipe for a file not written
+    assert not (folder / "bad_tol.safetensors").exists()
     page.close()

@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 
 from merge_core.errors import BadCheckpoint, UnsafeCheckpoint
 from merge_core.io import SafetensorsReader, open_model, save_safetensors
-from merge_core.io.header import MAX_HEADER_BYTES, json_depth
+from merge_core.io import header as header_module
+from merge_core.io.header import MAX_HEADER_BYTES, MAX_JSON_DEPTH, json_depth
 from merge_core.io.spec import SAFETENSORS_DTYPES, dtype_size
 
-FUZZ = settings(max_examples=1500, deadline=None, database=None,
+FUZZ = settings(max_examples=1200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-BYTE_FUZZ = settings(max_examples=1000, deadline=None, database=None,
+BYTE_FUZZ = settings(max_examples=800, deadline=None, database=None,
                      suppress_health_check=[HealthCheck.too_slow])
 
 # Files the official library reads but this reader refuses on purpose (documented in io/header.py).
@@ -96,22 +97,25 @@ BAD_DTYPES = ['"f32"', '"XX"', '["F32"]', '{"F32":1}', '{"F32":null,"F16":null}'
               '"U16"', '"F8_E8M0"', '"C64"', '"F4"', '"F32 "']
 BAD_SHAPES = ["64.9", '"[2]"', "null", "{}", "4", "[[2]]", "[1e400]", "[true]", "[2.0]", "[-0]"]
 BAD_OFFSETS = ["[0]", "[0,4,8]", '{"0":0,"1":4}', '"0,4"', "null", "[]", "[[0,4]]", "[4,0]"]
-EXTRA_VALUES = ["1", "-0", "1e-400", "1e308", "1e400", "9" * 30, "9" * 309, "NaN", '"x"', '"\\ud83d\\ude00"',
-                '"\\udc00"', "null", "[]", "{}", '{"dtype":"XX"}', "[" * 126 + "]" * 126,
-                "[" * 200 + "]" * 200, "{\"a\":" * 130 + "1" + "}" * 130, '"[[[[[["']
+# Values of ignored fields: the first list is fine anywhere, the second is refused anywhere.
+EXTRA_OK = ["1", "-0", "1e-400", "1e308", "9" * 30, "9" * 308, '"x"', '"\\ud83d\\ude00"', "null", "[]", "{}",
+            '{"dtype":"XX"}', "[" * 125 + "]" * 125, '"[[[[[["', '{"a":1,"a":2}']
+EXTRA_BAD = ["1e400", "-1e400", "9" * 309, "NaN", "-Infinity", '"\\udc00"', '"\\ud800x"', "[" * 126 + "]" * 126,
+             "[" * 126 + "]" * 126, "[" * 200 + "]" * 200, '{"a":' * 126 + "1" + "}" * 126, "01", "[1,]"]
+EXTRA_VALUES = st.one_of(st.sampled_from(EXTRA_OK), st.sampled_from(EXTRA_BAD))
 BAD_METADATA = ["null", "{}", '{"a":"b"}', '{"a":1}', '{"a":null}', "[]", '"x"', '{"a":"b","a":"c"}',
-                '{"a":1,"a":"c"}', '{"\\ud800":"x"}', '{"a":["b"]}', '{"a":"\\u00e9\\ud83d\\ude00"}']
+                '{"a":"b","a":"c"}', '{"a":1,"a":"c"}', '{"a":"c","a":1}', '{"\\ud800":"x"}', '{"a":["b"]}',
+                '{"a":"\\u00e9\\ud83d\\ude00"}']
 
 
 def near_usize(value: int) -> list[str]:
     """Wrong-typed spellings of a right value: a reader that coerces them gets the layout right."""
-    near = [f"{value}.0", f"{value}e0", f"{value}.9", f'"{value}"', f"[{value}]", str(value + 2 ** 64),
+    return [f"{value}.0", f"{value}e0", f"{value}.9", f'"{value}"', f"[{value}]", str(value + 2 ** 64),
             str(-value or "-0")]
-    return near + (["true"] if value == 1 else ["false"] if value == 0 else [])
 
 
 CATEGORIES = ["name", "dtype", "number", "number", "shape", "offsets", "form", "missing", "twice", "extra",
-              "extra", "extra", "metadata", "metadata twice", "text", "lead", "pad", "data length",
+              "extra", "extra", "metadata", "metadata", "metadata twice", "text", "lead", "pad", "data length",
               "header length"]
 
 
@@ -121,7 +125,7 @@ class Sites:
 
     def __init__(self, draw):
         self.draw = draw
-        self.mode = draw(st.sampled_from(["valid", "one", "one", "one", "many"]))
+        self.mode = draw(st.sampled_from(["valid", "one", "one", "one", "one", "many"]))
         self.category = draw(st.sampled_from(CATEGORIES))
         self.target = draw(st.integers(0, 1))
         self.seen = Counter()
@@ -154,8 +158,9 @@ def header_case(draw):
 
     def number(value: int) -> str:
         near = st.sampled_from(near_usize(value))
+        boolean = st.just({0: "false", 1: "true"}.get(value, "true"))  # right value, wrong type for 0, 1
         return sites.pick("number", str(value), st.one_of(
-            near, near, st.sampled_from(BAD_USIZE), st.integers(-3, 2 ** 70).map(str)))
+            near, boolean, st.sampled_from(BAD_USIZE), st.integers(-3, 2 ** 70).map(str)))
 
     parts = []
     for name, (dtype, shape, offs) in zip(names, entries):
@@ -172,7 +177,7 @@ def header_case(draw):
             if sites.hit("extra"):
                 for _ in range(draw(st.integers(1, 3))):
                     fields.append((draw(st.sampled_from(["x", "extra", "__metadata__", "Dtype"])),
-                                   draw(st.sampled_from(EXTRA_VALUES))))
+                                   draw(EXTRA_VALUES)))
             fields = draw(st.permutations(fields))
             value = "{" + ",".join(f'"{k}":{v}' for k, v in fields) + "}"
         elif form == "array":
@@ -305,6 +310,10 @@ REFUSED = {
     "shape beyond u64": (_entry(shape="[18446744073709551616]", offsets="[0,0]"), 0, "shape dimension"),
     "shape 400 digits": (_entry(shape="[" + "9" * 400 + "]"), 8, "number out of range"),
     "NaN": (_entry(shape="[NaN]"), 8, "NaN is not valid JSON"),
+    "NaN in an ignored field": (_entry(shape='[2],"x":NaN'), 8, "NaN is not valid JSON"),
+    "1e400 in an ignored field": (_entry(shape='[2],"x":[1e400]'), 8, "number out of range"),
+    "309 digits in an ignored field": (_entry(shape='[2],"x":' + "9" * 309), 8, "number out of range"),
+    "lone surrogate in an ignored field": (_entry(shape='[2],"x":{"\\udc00":1}'), 8, "surrogate"),
     "100k nested [": ("[" * 100_000, 0, "nested deeper than 127"),
     "100k nested { in metadata": ('{"__metadata__":' + '{"a":' * 100_000, 0, "nested deeper"),
     "128 levels in an ignored field": (_entry(shape='[2],"x":' + "[" * 126 + "]" * 126), 8, "nested deeper"),
@@ -362,6 +371,7 @@ ACCEPTED = {
                                             '"b":{"dtype":"I8","shape":[0,5],"data_offsets":[0,0]},'
                                             '"c":{"dtype":"F16","shape":[],"data_offsets":[0,2]}}', 2),
     "126 levels in an ignored field": (_entry(shape='[2],"x":' + "[" * 125 + "]" * 125), 8),
+    "308 digits, -0 and 1e-400 in ignored fields": (_entry(shape='[2],"x":[%s,-0,1e-400]' % ("9" * 308)), 8),
     "fp8": ('{"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]},'
             '"b":{"dtype":"F8_E5M2","shape":[2],"data_offsets":[2,4]}}', 4),
 }
@@ -389,9 +399,41 @@ def test_short_and_empty_files(tmp_path):
         open_model(path)
 
 
-def test_depth_scan_ignores_brackets_in_strings():
+@pytest.mark.parametrize("chunk", [3, 7, 1 << 20])
+def test_depth_scan_counts_only_brackets_outside_strings(monkeypatch, chunk):
+    monkeypatch.setattr(header_module, "_DEPTH_CHUNK", chunk)  # small chunks: state carried across them
     assert json_depth(b'{"a":"' + b"[" * 500 + b'"}') == 1
-    assert json_depth(b'{"a\\"[[[":' + b"[" * 200 + b"]" * 200 + b"}") == 201
+    assert json_depth(b'["\\\\\\"' + b"[" * 200 + b'"]') == 1  # \\ then \" : still inside the string
+    assert json_depth(b'{"a\\"[[[":' + b"[" * 126 + b"]" * 126 + b"}") == 127
+    assert json_depth(b'["\\\\",' + b"[" * 200 + b"]" * 200 + b"]") > MAX_JSON_DEPTH  # \\ ends nothing
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.recursive(st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                        st.text(alphabet='[]{}"\\k', max_size=3), inner, max_size=3), max_leaves=12),
+       st.integers(0, 130), st.sampled_from([3, 5, 64]))
+def test_depth_scan_is_exact_on_valid_json(value, wrap, chunk):
+    def depth(v):
+        if isinstance(v, dict):
+            return 1 + max(map(depth, v.values()), default=0)
+        return 1 + max(map(depth, v), default=0) if isinstance(v, list) else 0
+    for _ in range(wrap):
+        value = [value]
+    old, header_module._DEPTH_CHUNK = header_module._DEPTH_CHUNK, chunk
+    try:
+        got = json_depth(json.dumps(value).encode())
+    finally:
+        header_module._DEPTH_CHUNK = old
+    assert got == depth(value) if depth(value) <= MAX_JSON_DEPTH else got > MAX_JSON_DEPTH
+
+
+def test_hostile_strings_do_not_make_the_depth_scan_slow(tmp_path):
+    """Escaped quotes that never close (a regex-based string skipper would go quadratic on them)."""
+    path = tmp_path / "slow.safetensors"
+    path.write_bytes(frame(b"[]" * 200 + b'["' + b'\\"' * 5_000_000))
+    with pytest.raises(BadCheckpoint, match="corrupt safetensors header"):
+        open_model(path)
 
 
 def test_the_cap_is_the_official_one(tmp_path):

@@ -50,3 +50,29 @@ def test_needs_two_models_and_something_in_common(write):
     p2 = write("y.safetensors", {"v": torch.ones(2)})
     with pytest.raises(MergeError, match="no floating-point tensors in common"):
         pairwise_cosine([p1, p2])
+
+
+def test_per_block_cosines_are_those_of_each_blocks_keys(tmp_path):
+    """Each block's matrix is the cosine of the concatenation of that block's keys only; the models here
+    differ only in OUT03, so that block alone is below 1."""
+    import math
+
+    import torch
+    from merge_core.blocks import architecture
+    from merge_core.demo import small_sd15_state_dicts
+    from merge_core.io import save_safetensors
+    from merge_core.similarity import pairwise_cosine
+    (a,) = small_sd15_state_dicts(1, dtype=torch.float32)
+    arch = architecture("sd1")
+    b = {k: (v.clone() if arch.block(k) != "OUT03" or not v.is_floating_point() else -v + 0.01) for k, v in a.items()}
+    save_safetensors(tmp_path / "a.safetensors", a)
+    save_safetensors(tmp_path / "b.safetensors", b)
+    sim = pairwise_cosine([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert sim["architecture"] == "sd1" and list(sim["blocks"])[:2] == ["BASE", "IN00"]
+    keys = [k for k in a if arch.block(k) == "OUT03" and a[k].is_floating_point()]
+    xa = torch.cat([a[k].double().reshape(-1) for k in keys])
+    xb = torch.cat([b[k].double().reshape(-1) for k in keys])
+    expected = float(xa @ xb / (xa.norm() * xb.norm()))
+    assert math.isclose(sim["blocks"]["OUT03"][0][1], expected, rel_tol=1e-9)
+    assert expected < -0.9
+    assert all(math.isclose(m[0][1], 1.0, rel_tol=1e-12) for blk, m in sim["blocks"].items() if blk != "OUT03")
