@@ -183,6 +183,9 @@ def _header_bytes(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], 
                        "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if len(body) + HEADER_SLACK > MAX_HEADER_BYTES:  # no reader (ours, the official one) would open it
+        raise MergeError(f"the output's header would be {len(body)} bytes; safetensors allows "
+                         f"{MAX_HEADER_BYTES} (too much metadata or too many tensors)")
     if size is None:
         size = len(body) + HEADER_SLACK
         size += (-(8 + size)) % HEADER_ALIGN  # tensor data starts 8-byte aligned
