@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -131,6 +132,23 @@ def block_args(args, method: str):
     return specs
 
 
+def progress_lines(prefix: str, every: float = 2.0):
+    """Progress as plain lines (for logs and pipes, where a bar prints nothing): the label of the current
+    step with its count, at most every `every` seconds, and whenever the phase (the label's first word)
+    changes; e.g. `hyper-merge: round 3/6, layer 120/350 (45%)`."""
+    state = {"last": 0.0, "phase": None}
+
+    def update(done: int, total: int, label: str):
+        now = time.monotonic()
+        phase = re.match(r"[A-Za-z]*", label or "").group(0)  # "lora_unet_…" -> lora, "round 3/6" -> round
+        if now - state["last"] >= every or phase != state["phase"] or done == total:
+            state["last"], state["phase"] = now, phase
+            share = f" ({100 * done // total}%)" if total else ""
+            print(f"    {prefix}: {label[-60:]} [{done}/{total}]{share}", flush=True)
+
+    return update
+
+
 def progress_bar(quiet: bool):
     """A tqdm bar created on the first key, so errors raised while planning print alone."""
     if quiet:
@@ -226,9 +244,9 @@ def cmd_merge_recipe(args) -> int:
                             hash_inputs=not args.no_hash)
     finally:
         close()
+    for line in result.summary.get("warnings") or ():  # shown even with --quiet
+        print(f"warning: {line}", file=sys.stderr)
     if not args.quiet:
-        for line in result.summary.get("warnings") or ():
-            print(f"warning: {line}", file=sys.stderr)
         steps = result.summary.get("steps") or []
         print(format_summary(result) if len(steps) <= 1 else format_chain_summary(result))
     return 0
@@ -322,6 +340,7 @@ def cmd_demo(args) -> int:
             ("ema", paths, {"alpha": 0.5}), ("wma", paths, {"weights": [3, 2, 1]}),
             ("weighted", paths[:2], {"multiplier": 0.25}), ("add-difference", paths, {"multiplier": 1.0}),
             ("karcher", paths[1:], {"base": paths[0]}), ("slerp", paths[1:], {"base": paths[0], "t": 0.5})]
+    sys.stdout.reconfigure(line_buffering=True)  # one line per step, also when piped
     for method, inputs, kw in runs:
         suffix = "-base" if "base" in kw else ""
         out = folder / f"merged_{method}{suffix}.safetensors"
@@ -332,8 +351,9 @@ def cmd_demo(args) -> int:
               f"weights {result.metadata.get('normalized_weights')}")
     from .hyper.pipeline import HyperConfig, run_hyper
     t0 = time.perf_counter()
+    print("  hyper-merge      3 models -> one hyper checkpoint + 2 LoRAs ...", flush=True)
     hyper = run_hyper(HyperConfig(models=paths, name="demo", out_dir=folder, ranks=[4, 2], iterations=3,
-                                  overwrite=True))
+                                  overwrite=True, progress=progress_lines("hyper-merge")))
     print(f"  hyper-merge      3 models -> {hyper.hyper_path.name} + {len(hyper.lora_paths)} LoRAs, mean error "
           f"{hyper.report['mean_relative_error_covered']:.3f} over the LoRA layers, "
           f"{time.perf_counter() - t0:.2f} s; tags:")
