@@ -34,7 +34,8 @@ def _plain_markdown(text: str) -> str:
 
 def method_help() -> str:
     lines = [f"**{m.name}**: {_plain_markdown(m.help)}" for m in registry.all_methods()]
-    bases = " and ".join(registry.get(m).label for m in registry.base_methods())
+    labels = [registry.get(m).label for m in registry.base_methods()]
+    bases = ", ".join(labels[:-1]) + " and " + labels[-1] if len(labels) > 1 else "".join(labels)
     return " · ".join(lines) + f". With a base model, {bases} merge the differences from the base (task vectors)."
 
 

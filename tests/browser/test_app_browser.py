@@ -45,7 +45,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("app") / "models"
+    # MANIFOLD_APP_DIR: serve a folder of your choice (a realistic path for the README's screenshots)
+    folder = Path(os.environ.get("MANIFOLD_APP_DIR") or tmp_path_factory.mktemp("app") / "models")
+    folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = open(folder.parent / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "merge_core", "app", "--models", str(folder), "--demo",
