@@ -21,4 +21,8 @@ else:
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The front-end extension (javascript/manifold_merge.js: per-method widgets, model sockets added as they are
+# connected, the hyper LoRA loader's source models); plain files, served by ComfyUI.
+WEB_DIRECTORY = "./javascript"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

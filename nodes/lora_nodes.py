@@ -58,6 +58,52 @@ class ManifoldMergeHyperMerge:
         multipliers = result.multipliers_path.read_text()
         return {"ui": {"text": [multipliers]}, "result": (multipliers, format_report(result.report))}
 
+NO_SOURCE = "(none: use manual_strengths)"
+SOURCE_SEP = " / "
+_SET_MODELS: dict[tuple, list[str]] = {}
+
+
+def set_models(files: list[str]) -> list[str]:
+    """The source models of a hyper set, from its first LoRA's `manifold_hyper_lambdas` metadata (header only;
+    cached by file and mtime). [] when it cannot be read."""
+    import folder_paths
+    path = folder_paths.get_full_path("loras", files[0]) if files else None
+    if not path:
+        return []
+    try:
+        key = (path, os.path.getmtime(path))
+        if key not in _SET_MODELS:
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+            _SET_MODELS[key] = sorted(json.loads(meta.get("manifold_hyper_lambdas", "{}")))
+        return _SET_MODELS[key]
+    except Exception:  # noqa: BLE001 - unreadable or not a safetensors file: the set lists no models
+        return []
+
+
+def source_choices() -> list[str]:
+    """The source_model drop-down: every known set's models as "SET / MODEL" (the front end narrows the list to
+    the chosen set), after the "use manual_strengths" entry."""
+    return [NO_SOURCE] + [f"{name}{SOURCE_SEP}{model}" for name, files in sorted(hyper_sets().items())
+                          for model in set_models(files)]
+
+
+def source_name(hyper_set: str, source_model: str) -> str:
+    """The model name a source_model value stands for: "SET / MODEL" from the drop-down, or a bare name typed in
+    a workflow saved before the drop-down existed ("" or the none entry: no source model)."""
+    value = (source_model or "").strip()
+    if value == NO_SOURCE:
+        return ""
+    head, sep, tail = value.partition(SOURCE_SEP)
+    if sep:
+        if head != hyper_set:
+            raise MergeError(f"source_model {value!r} is a model of the hyper set {head!r}, but hyper_set is "
+                             f"{hyper_set!r}: pick one of {hyper_set!r}'s models")
+        return tail.strip()
+    return value
+
+
 class ManifoldMergeHyperLoraLoader:
     """Applies a hyper set's LoRAs at one source model's strengths (from the LoRA metadata) or manual ones."""
     CATEGORY = CATEGORY
@@ -68,8 +114,17 @@ class ManifoldMergeHyperLoraLoader:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",),
                              "hyper_set": (sorted(hyper_sets()) or ["(no hyper sets in loras)"],),
-                             "source_model": ("STRING", {"default": ""}),
+                             "source_model": (source_choices(), {
+                                 "tooltip": "the model of the hyper set whose strengths are applied (read from the "
+                                            "LoRAs' metadata); the none entry uses manual_strengths",
+                                 "manifold": {"narrow_by": "hyper_set"}}),  # the front end lists the set's models
                              "manual_strengths": ("STRING", {"default": ""})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, source_model):
+        # not checked against the drop-down: a workflow saved when this was a text field has a bare model name
+        # (e.g. "model_b"); run() checks the name against the set's metadata and says which models it has.
+        return isinstance(source_model, str) or "source_model: expected a model name"
 
     def run(self, model, clip, hyper_set, source_model, manual_strengths):
         import comfy.sd
@@ -86,6 +141,7 @@ class ManifoldMergeHyperLoraLoader:
             metas.append(meta or {})
         strengths = parse_numbers(manual_strengths, "manual_strengths")
         if strengths is None:
+            source_model = source_name(hyper_set, source_model)
             if not source_model.strip():
                 raise MergeError("give source_model (a model of the hyper set) or manual_strengths")
             strengths = []

@@ -29,6 +29,14 @@ UNBOUNDED = 1.0e4  # widget range of a side a parameter leaves open
 BLOCK_INPUT = {"block_weights": (BLOCK_WEIGHTS, {"tooltip": "from a Block weights node: the method's block "
                                                             "parameter per block / per key"})}
 ENGINE_TAKES_BLOCK_ARCH = "block_architecture" in inspect.signature(engine_merge).parameters
+# Front-end hints (javascript/manifold_merge.js reads them from the node definition, under this key of an input's
+# options): {"method_widgets": {method: [widget, ...]}} on a method picker (only the chosen method's widgets are
+# shown), {"grow": True} on optional model sockets (added one at a time as they are connected) and
+# {"with": socket} on a per-model widget (shown with its socket). Data, so the script lists no method.
+FRONT_END = "manifold"
+SAVE_AS_TIP = ("file name of the merged checkpoint (.safetensors is added; no folders): written next to "
+               "ckpt_1 in the checkpoints folder (models/checkpoints, or ckpt_1's subfolder there), so it shows in "
+               "the checkpoint pickers after a refresh (R); never over an existing file; empty = not saved")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +76,10 @@ def number_widget(param, default=None) -> tuple:
     if param.kind is int:
         lo = int(param.minimum) + (1 if param.min_open else 0) if param.minimum is not None else -int(UNBOUNDED)
         hi = int(param.maximum) if param.maximum is not None else int(UNBOUNDED)
-        return ("INT", {"default": int(default), "min": lo, "max": hi, "tooltip": tip})
+        # control_after_generate off: ComfyUI's front end would add a "randomize" widget after an INT named seed,
+        # re-seeding (and re-merging) at every queue and showing for every method of a grouped node.
+        return ("INT", {"default": int(default), "min": lo, "max": hi, "tooltip": tip,
+                        "control_after_generate": False})
     step = _step(default)
     lo = -UNBOUNDED if param.minimum is None else param.minimum + (step / 10 if param.min_open else 0.0)
     hi = UNBOUNDED if param.maximum is None else param.maximum
@@ -231,10 +242,13 @@ def method_node(method, kind: str) -> type:
     def INPUT_TYPES(cls):
         required, optional = {}, {}
         for i, name in enumerate(inputs):
-            target = required if i < method.min_models else optional
-            target[name] = (kind,)
+            grows = i >= method.min_models
+            target = optional if grows else required
+            target[name] = (kind, {FRONT_END: {"grow": True}}) if grows else (kind,)
             for p in per_inputs:
-                target[per_input_name(p, i + 1)] = number_widget(p, per_input_default(p, i + 1))
+                spec = number_widget(p, per_input_default(p, i + 1))
+                target[per_input_name(p, i + 1)] = (spec[0], {**spec[1], FRONT_END: {"with": name}}) if grows \
+                    else spec
         required.update({input_name(p): widget(p) for p in others})
         if method.takes_base:
             optional[f"base_{low}"] = (kind,)
@@ -286,6 +300,13 @@ def group_widgets(methods, first=()) -> tuple[dict, dict, dict]:
     return head, tail, targets
 
 
+def method_picker(methods, names, targets: dict) -> tuple:
+    """The method combo, carrying which widget belongs to which method (for the front end)."""
+    shown = {m.name: [w for w, pairs in targets.items() if any(mn == m.name for mn, _ in pairs)] for m in methods}
+    return (list(names), {"tooltip": "the merge method; only its widgets are used (and shown)",
+                          FRONT_END: {"method_widgets": shown}})
+
+
 def group_values(method, targets: dict, kw: dict) -> dict:
     values = {}
     for name, pairs in targets.items():
@@ -307,9 +328,10 @@ def moving_average_node(kind: str) -> type:
         return [registry.get(n) for n in names]
 
     def INPUT_TYPES(cls):
-        head, tail, _ = group_widgets(methods())
-        return {"required": {"method": (list(names),), inputs[0]: (kind,), inputs[1]: (kind,), **head, **tail},
-                "optional": {**{n: (kind,) for n in inputs[2:]}, **BLOCK_INPUT}}
+        head, tail, targets = group_widgets(methods())
+        return {"required": {"method": method_picker(methods(), names, targets), inputs[0]: (kind,),
+                             inputs[1]: (kind,), **head, **tail},
+                "optional": {**{n: (kind, {FRONT_END: {"grow": True}}) for n in inputs[2:]}, **BLOCK_INPUT}}
 
     def run(self, method, block_weights=None, **kw):
         entry = registry.get(method)
@@ -335,15 +357,19 @@ class ManifoldMergeCheckpoints:
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "run"
     DISPLAY_NAME = "Merge checkpoints (streamed from disk)"
-    DESCRIPTION = ("Any merge method over 2-8 checkpoint files, streamed by merge_core; save_as also writes the "
-                   "result beside the first input. Optional block_weights.")
+    DESCRIPTION = ("Any merge method over 2-8 checkpoint files from models/checkpoints, streamed by merge_core "
+                   "(the models are never all loaded); only the chosen method's widgets are used. save_as (optional) "
+                   "also writes the merged checkpoint next to ckpt_1 in the checkpoints folder (models/checkpoints), "
+                   "so it appears in the checkpoint pickers; an existing file is never replaced. Optional "
+                   "block_weights.")
 
     @classmethod
     def INPUT_TYPES(cls):
         required, optional = checkpoint_inputs()
-        head, tail, _ = group_widgets(registry.all_methods(), CHECKPOINT_WIDGETS)
-        return {"required": {**required, "method": (registry.method_names(),), **head,
-                             "save_as": ("STRING", {"default": ""})},
+        methods = registry.all_methods()
+        head, tail, targets = group_widgets(methods, CHECKPOINT_WIDGETS)
+        return {"required": {**required, "method": method_picker(methods, registry.method_names(), targets), **head,
+                             "save_as": ("STRING", {"default": "", "tooltip": SAVE_AS_TIP})},
                 "optional": {**optional, **tail, **BLOCK_INPUT}}
 
     @classmethod

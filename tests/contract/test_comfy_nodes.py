@@ -82,13 +82,17 @@ def test_collect_and_parse_helpers(nodes):
             common.plain_file_name(bad, "save_as")
 
 
-BUILTIN = {"CheckpointLoaderSimple", "CheckpointSave", "ModelSave", "CLIPSave"}
+BUILTIN = {"CheckpointLoaderSimple", "CheckpointSave", "ModelSave", "CLIPSave", "CLIPTextEncode", "EmptyLatentImage",
+           "KSampler", "VAEDecode", "PreviewImage", "Note"}
+BUILTIN_INPUTS = {"CheckpointSave": {"model", "clip", "vae"}, "ModelSave": {"model"}, "CLIPSave": {"clip"},
+                  "CLIPTextEncode": {"clip"}, "KSampler": {"model", "positive", "negative", "latent_image"},
+                  "VAEDecode": {"samples", "vae"}, "PreviewImage": {"images"}}
 
 
 def test_example_workflows_use_real_nodes_inputs_and_consistent_links(nodes):
     import json
     files = sorted((ROOT / "workflows").glob("*.json"))
-    assert len(files) == 8
+    assert len(files) == 9
     used = set()
     for path in files:
         wf = json.loads(path.read_text())
@@ -100,13 +104,127 @@ def test_example_workflows_use_real_nodes_inputs_and_consistent_links(nodes):
                 spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
                 names = set(spec["required"]) | set(spec.get("optional", {}))
                 assert {i["name"] for i in node["inputs"]} <= names, (path.name, node["type"])
+                widgets = [n for n, v in {**spec["required"], **spec.get("optional", {})}.items()
+                           if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+                assert len(node["widgets_values"]) <= len(widgets), (path.name, node["type"])
+            elif node["type"] in BUILTIN_INPUTS:
+                assert {i["name"] for i in node["inputs"]} == BUILTIN_INPUTS[node["type"]], (path.name, node["type"])
             if node["type"] == "ManifoldMergeBlockWeights":  # its text parses
                 nodes.NODE_CLASS_MAPPINGS[node["type"]]().run(*node["widgets_values"])
         for link_id, src, slot, dst, dst_slot, typ in wf["links"]:
             assert link_id in by_id[src]["outputs"][slot]["links"]
             assert by_id[dst]["inputs"][dst_slot]["link"] == link_id and by_id[dst]["inputs"][dst_slot]["type"] == typ
-    assert (LEGACY | {"ManifoldMergeBlockWeights"}) - used <= {"ManifoldMergeSlerpClip",
-                                                                "ManifoldMergeMovingAverageClip"}
+    assert (LEGACY | {"ManifoldMergeBlockWeights"}) - used <= {"ManifoldMergeMovingAverageClip"}
+
+
+def _workflow(name):
+    import json
+    wf = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    return wf, {n["id"]: n for n in wf["nodes"]}
+
+
+@pytest.mark.parametrize("name", ["karcher_merge", "slerp_merge", "slerp_task_vector", "moving_average",
+                                  "block_weights_merge", "merge_checkpoints", "hyper_lora_loader"])
+def test_example_workflows_end_in_a_sampler_and_a_preview_with_a_note(name):
+    """merged MODEL -> KSampler -> VAEDecode -> PreviewImage (the merge's effect at once); saves muted; a Note."""
+    wf, by_id = _workflow(name)
+    types_ = [n["type"] for n in wf["nodes"]]
+    assert types_.count("KSampler") == 1 and "VAEDecode" in types_ and "PreviewImage" in types_
+    links = {link[0]: link for link in wf["links"]}
+
+    def source(node, input_name):
+        (link,) = [i["link"] for i in node["inputs"] if i["name"] == input_name]
+        return by_id[links[link][1]]
+
+    sampler = next(n for n in wf["nodes"] if n["type"] == "KSampler")
+    assert source(sampler, "model")["type"].startswith("ManifoldMerge")
+    preview = next(n for n in wf["nodes"] if n["type"] == "PreviewImage")
+    assert source(source(preview, "images"), "samples") is sampler
+    note = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(note) == 1 and len(note[0]["widgets_values"][0]) > 100
+    for node in wf["nodes"]:
+        if node["type"] in ("ModelSave", "CheckpointSave", "CLIPSave"):
+            assert node["mode"] == 2, (name, node["type"])  # muted: queueing previews, Ctrl+M to save
+
+
+def test_slerp_example_has_no_base_and_the_task_vector_example_has_one():
+    for name, with_base in (("slerp_merge", False), ("slerp_task_vector", True)):
+        wf, _ = _workflow(name)
+        slerp = next(n for n in wf["nodes"] if n["type"] == "ManifoldMergeSlerpModel")
+        assert ("base_model" in {i["name"] for i in slerp["inputs"]}) == with_base, name
+    for name in ("hyper_merge", "extract_lora"):
+        wf, _ = _workflow(name)
+        assert [n["type"] for n in wf["nodes"]].count("Note") == 1
+
+
+def test_the_front_end_reads_which_widget_belongs_to_which_method_from_the_node_definition(nodes):
+    """javascript/manifold_merge.js lists no method: the method pickers carry {method: [widgets]}, optional model
+    sockets {"grow": true} and per-model widgets the socket they follow."""
+    registry = _pack("merge_core.registry")
+    merge_nodes = _pack("nodes.merge_nodes")
+    ckpt = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"].INPUT_TYPES()
+    names, opts = ckpt["required"]["method"]
+    shown = opts["manifold"]["method_widgets"]
+    assert set(shown) == set(names) == set(registry.method_names())
+    widgets = {**ckpt["required"], **ckpt["optional"]}
+    for method in registry.all_methods():
+        assert all(w in widgets for w in shown[method.name])
+        assert len(shown[method.name]) == len(method.params), method.name  # one widget per parameter
+    assert shown["slerp"] == ["t"] and shown["ema"] == ["alpha"] and shown["sma"] == []
+    assert set(shown["karcher"]) == {"weights", "iterations", "tolerance"}
+    assert "models/checkpoints" in ckpt["required"]["save_as"][1]["tooltip"]
+    assert "models/checkpoints" in nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"].DESCRIPTION
+    moving = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeMovingAverageModel"].INPUT_TYPES()
+    assert moving["required"]["method"][1]["manifold"]["method_widgets"] == {"sma": [], "ema": ["alpha"],
+                                                                            "wma": ["weights"]}
+    assert all(moving["optional"][f"model{i}"][1]["manifold"] == {"grow": True} for i in range(3, 9))
+    karcher = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeKarcherModel"].INPUT_TYPES()
+    assert karcher["required"]["model2"] == ("MODEL",) and "manifold" not in karcher["required"]["weight2"][1]
+    for i in range(3, 9):
+        assert karcher["optional"][f"model{i}"] == ("MODEL", {"manifold": {"grow": True}})
+        assert karcher["optional"][f"weight{i}"][1]["manifold"] == {"with": f"model{i}"}
+    slerp = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeSlerpModel"].INPUT_TYPES()
+    assert not any(isinstance(v[-1], dict) and "manifold" in v[-1]
+                   for v in {**slerp["required"], **slerp["optional"]}.values())
+    js = (ROOT / "javascript" / "manifold_merge.js").read_text()
+    for method in registry.method_names():
+        assert f'"{method}"' not in js and f"'{method}'" not in js, method
+    pack = _load_pack("mm_pack_web")
+    assert pack.WEB_DIRECTORY == "./javascript" and (ROOT / pack.WEB_DIRECTORY / "manifold_merge.js").is_file()
+    assert merge_nodes.FRONT_END == "manifold"
+
+
+def _write_lora(path, lambdas):
+    import json
+    import struct
+    header = json.dumps({"__metadata__": {"manifold_hyper_lambdas": json.dumps(lambdas)},
+                         "x.lora_up.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+
+
+def test_hyper_lora_loader_source_model_is_a_drop_down_of_the_sets_models(nodes, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    lora_nodes = _pack("nodes.lora_nodes")
+    for name, lambdas in (("mix_0-4", {"model_a": 0.5, "model_b": -0.5}), ("mix_1-2", {"model_a": 0.1, "model_b": 0.2}),
+                          ("other_0-8", {"x": 1.0})):
+        _write_lora(tmp_path / f"{name}.safetensors", lambdas)
+    fp = sys.modules["folder_paths"]
+    monkeypatch.setattr(fp, "get_filename_list",
+                        lambda kind: sorted(p.name for p in tmp_path.glob("*.safetensors")) if kind == "loras" else [])
+    monkeypatch.setattr(fp, "get_full_path", lambda kind, name: str(tmp_path / name), raising=False)
+    spec = lora_nodes.ManifoldMergeHyperLoraLoader.INPUT_TYPES()["required"]
+    assert spec["hyper_set"] == (["mix", "other"],)
+    choices, opts = spec["source_model"]
+    assert choices == [lora_nodes.NO_SOURCE, "mix / model_a", "mix / model_b", "other / x"]
+    assert opts["manifold"] == {"narrow_by": "hyper_set"}
+    assert lora_nodes.source_name("mix", "mix / model_b") == "model_b"
+    assert lora_nodes.source_name("mix", "model_b") == "model_b"  # typed in an older workflow
+    assert lora_nodes.source_name("mix", "") == lora_nodes.source_name("mix", lora_nodes.NO_SOURCE) == ""
+    MergeError = _pack("merge_core.errors").MergeError
+    with pytest.raises(MergeError, match="a model of the hyper set 'other', but hyper_set is 'mix'"):
+        lora_nodes.source_name("mix", "other / x")
+    # a typed name is not refused by ComfyUI's list check (the node checks it against the set's metadata)
+    assert lora_nodes.ManifoldMergeHyperLoraLoader.VALIDATE_INPUTS(source_model="model_b") is True
 
 
 # --- generated merge nodes, block weights ------------------------------------------------------------------
@@ -206,7 +324,7 @@ def test_every_registered_method_gets_model_and_clip_nodes_from_its_params(nodes
     assert list(moving) == ["method", "model1", "model2", "alpha", "weights"]
     ckpt = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeCheckpoints"].INPUT_TYPES()
     assert list(ckpt["required"]) == ["ckpt_1", "ckpt_2", "method", "weights", "t", "alpha", "multiplier", "save_as"]
-    assert ckpt["required"]["method"] == (registry.method_names(),)
+    assert ckpt["required"]["method"][0] == registry.method_names()
     assert {"iterations", "tolerance", "block_weights"} <= set(ckpt["optional"])
 
 
