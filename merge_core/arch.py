@@ -14,7 +14,7 @@ from .lm import detect_layout as _detect_lm_layout
 ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux") + tuple(LM_FAMILIES) + ("unknown",)
 DISPLAY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
                  **{name: display for name, (display, _) in LM_FAMILIES.items()},
-                 "unknown": "unknown architecture"}
+                 "lora": "LoRA (not a checkpoint)", "unknown": "unknown architecture"}
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 

@@ -124,3 +124,22 @@ def test_help_shows_no_none_defaults():
     for argv in (["--help"], ["merge", "--help"], ["hyper", "--help"], ["blocks", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "merge_core", *argv], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0 and "default: None" not in proc.stdout, argv
+
+
+def test_inspect_says_what_a_lora_is_and_shows_a_merges_blocks(models, tmp_path, capsys):
+    from merge_core.hyper.pipeline import HyperConfig, run_hyper
+    _, _, paths = models
+    plain = []
+    for i, sd in enumerate(small_sd15_state_dicts(2, dtype=torch.float32)):
+        plain.append(tmp_path / f"m{i}.safetensors")
+        save_safetensors(plain[-1], sd)
+    hyper = run_hyper(HyperConfig(models=plain, name="ins", out_dir=tmp_path, ranks=[2], iterations=1))
+    assert main(["inspect", str(hyper.lora_paths[0]), "--no-hash"]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA (not a checkpoint)" in text and "rank 2, for sd_v1" in text and "unknown architecture" not in text
+    assert "strength for m0:" in text and "strength for m1:" in text
+    out = tmp_path / "b.safetensors"
+    merge(paths, "weighted", output=out, blocks="BASE:0, M00:1", overrides=[("attn2", 0.3)])
+    assert main(["inspect", str(out), "--no-hash"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks: multiplier = BASE:0, M00:1" in text and "override     : attn2 = 0.3 (" in text
