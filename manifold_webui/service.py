@@ -230,6 +230,8 @@ class MergeService:
                 result = merge(models, req.method, output=output, base=base, progress=progress,
                                names=[p.stem for p in models], **args)
                 how = f"in {result.summary['seconds']:.1f} s"
+                for note in result.summary.get("stale_temp_files") or ():
+                    how += f"; {note}"
         self.host.refresh()
         title = self.host.saved_title(output)
         return f"Saved {output.name} to {output.parent} ({how}).", title
