@@ -12,6 +12,14 @@ from .lm import LM_FAMILIES as LM_NAMES, lm_info
 from .lora.format import describe_lora
 
 
+def _json_field(metadata: dict, name: str):
+    """A metadata field that holds JSON, decoded; None where it is missing or not JSON."""
+    try:
+        return json.loads(metadata[name])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def inspect_model(path, with_hash: bool = True) -> dict:
     with open_model(path) as src:
         specs = src.specs()
@@ -31,19 +39,9 @@ def inspect_model(path, with_hash: bool = True) -> dict:
             info["architecture"] = "lora"
             lora["base_model"] = src.metadata.get("ss_base_model_version") or src.metadata.get(
                 "modelspec.architecture") or "not recorded"
-            strengths = src.metadata.get("manifold_hyper_lambdas")
-            if strengths:
-                try:
-                    lora["strengths"] = json.loads(strengths)
-                except ValueError:
-                    pass
+            lora["strengths"] = _json_field(src.metadata, "manifold_hyper_lambdas")
             info["lora"] = lora
-        recipe = src.metadata.get("manifold_merge_recipe")
-        if recipe:
-            try:
-                info["recipe"] = json.loads(recipe)
-            except ValueError:
-                pass
+        info["recipe"] = _json_field(src.metadata, "manifold_merge_recipe")
         lm = None if lora is not None else (
             lm_info(src.path, specs) if info["architecture"] == "unknown" or info["architecture"] in LM_NAMES else None)
         if lm is not None:  # language model: family from config.json (model_type) or key layout
