@@ -64,7 +64,7 @@ KEY_LAYOUTS: tuple[tuple[str, tuple[re.Pattern, ...]], ...] = tuple((name, tuple
     ("gemma2", (_LAYER + r"pre_feedforward_layernorm\.weight$",)),
     ("qwen3", (_LAYER + r"self_attn\.q_norm\.weight$", _LAYER + r"mlp\.gate_proj\.weight$")),
     # qwen2: biases on q/k/v but none on o_proj (a Llama with attention_bias has all four)
-    ("qwen2", (_LAYER + r"self_attn\.q_proj\.bias$",)),
+    ("qwen2", (_LAYER + r"self_attn\.q_proj\.bias$", _LAYER + r"mlp\.gate_proj\.weight$")),  # (CLIP: fc1/fc2)
     ("llama", (_LAYER + r"self_attn\.q_proj\.weight$", _LAYER + r"mlp\.gate_proj\.weight$")),
 ))
 _O_PROJ_BIAS = re.compile(_LAYER + r"self_attn\.o_proj\.bias$")

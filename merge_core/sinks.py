@@ -17,7 +17,6 @@ from .errors import MergeCancelled, MergeError, OutputExists
 from .io.atomic import (Target, check_writable_folder, deferred_signals, describe_os_error, is_within,
                         lock_exclusive, remove_quietly, temp_name)
 from .io.safetensors_file import SafetensorsWriter
-from .io.sources import CHECKPOINT_SUFFIXES
 from .io.spec import TensorSpec
 
 
@@ -157,13 +156,18 @@ class Sink:
         for writer in self._writers:
             writer.__exit__(None, None, None)
         if self._tmp_dir is None:
+            if copy_extra_from is not None and self.output is not None:  # beside a single-file output
+                self.skipped_files = []
+                self.copied_files = copy_extra_files(copy_extra_from, self.output.parent, self.skipped_files,
+                                                     best_effort=True)
             return
         index = {"metadata": {"total_size": sum(s.nbytes for s in self._specs.values())},
                  "weight_map": {k: w.path.name for k, w in self._key_writer.items()}}
         if len(self._writers) > 1:
             (self._tmp_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if copy_extra_from is not None:
-            self.copied_files = copy_extra_files(copy_extra_from, self._tmp_dir)
+            self.skipped_files = []
+            self.copied_files = copy_extra_files(copy_extra_from, self._tmp_dir, self.skipped_files)
         written = sorted(p.name for p in self._tmp_dir.iterdir())
         (self._tmp_dir / MANIFEST).write_text(json.dumps({"tool": "manifold-merge", "files": written}))
         if self._target.identity is not None:  # the same rule again, now: nothing foreign was added meanwhile
@@ -192,16 +196,41 @@ class Sink:
             self.state_dict = None
 
 
-def copy_extra_files(source_folder: Path, target: Path) -> list[str]:
-    """Copy the first model's non-weight files (configs, tokenizer...), never its shard index."""
+def copy_extra_files(source, target: Path, skipped: list | None = None, best_effort: bool = False) -> list[str]:
+    """Write the output's non-weight files into `target` (the temp folder of a folder output, or the folder
+    of a single-file output): `source` is an lm.OutputFiles (configs corrected, the tokenizer of the model
+    whose vocabulary the output has) or a folder (its non-weight files; never its shard index). A file
+    that exists in `target` is never replaced: it is skipped and listed in `skipped` as "name: reason".
+    best_effort: a file that cannot be written is skipped too (the output is already in place)."""
+    from .lm import OutputFiles, folder_files
+    entries = source if isinstance(source, OutputFiles) else folder_files(Path(source), Path(source).name)
     copied = []
-    for item in sorted(source_folder.iterdir()):
-        if (item.name.startswith(".") or not item.is_file() or item.suffix.lower() in CHECKPOINT_SUFFIXES
-                or item.name.endswith(".index.json")):
+    for entry in entries:
+        dest = target / entry.name
+        try:
+            with open(dest, "xb") as handle:  # exclusive: never over a file already there
+                try:
+                    if entry.data is not None:
+                        handle.write(entry.data)
+                    else:
+                        with open(entry.source, "rb") as src:
+                            shutil.copyfileobj(src, handle, 1 << 20)
+                except BaseException:
+                    handle.close()
+                    remove_quietly(dest)
+                    raise
+            if entry.data is None:
+                shutil.copystat(entry.source, dest)
+        except FileExistsError:
+            if skipped is not None:
+                skipped.append(f"{entry.name}: {dest} exists, not replaced")
             continue
-        dest = target / item.name
-        if dest.exists():
+        except OSError as exc:
+            if not best_effort:
+                raise MergeError(f"{dest}: cannot copy {entry.name} from {entry.origin} "
+                                 f"({describe_os_error(exc)})") from None
+            if skipped is not None:
+                skipped.append(f"{entry.name}: {describe_os_error(exc)}")
             continue
-        shutil.copy2(item, dest)
-        copied.append(item.name)
+        copied.append(entry.name)
     return copied
