@@ -57,10 +57,26 @@ elif mode == "mecha":
     sd_mecha.set_log_level("WARNING") if hasattr(sd_mecha, "set_log_level") else None
     t0 = time.perf_counter()
     models = [sd_mecha.model(p) for p in args["inputs"]]
-    if args["method"] == "sma":
+    method = args["method"]
+    if method == "sma":
         recipe = sd_mecha.n_average(*models)
-    else:
+    elif method == "slerp":
         recipe = sd_mecha.slerp(models[0], models[1], alpha=0.5)
+    elif method == "geometric-median":
+        recipe = sd_mecha.geometric_median(*models)
+    else:  # task-vector methods: the first input is the base
+        base, tuned = models[0], models[1:]
+        if method == "model-stock":
+            recipe = sd_mecha.n_model_stock(base, *tuned)
+        elif method == "ties":  # (its add_difference wrapper fails on an unresolved merge space: the method)
+            from sd_mecha.extensions.builtin.merge_methods import linear
+            deltas = [sd_mecha.subtract(m, base) for m in tuned]
+            recipe = linear.add_difference(base, sd_mecha.ties_sum(*deltas, k=0.2, vote_sgn=True), alpha=1.0)
+        elif method == "dare":  # sd-mecha's nearest: dropout (n-supermario: drop, mean over the kept, rescale)
+            recipe = sd_mecha.dropout(base, *tuned, probability=0.9, alpha=1.0, seed=0)
+        elif method == "dare-ties":
+            recipe = sd_mecha.add_ties_with_dare(base, *tuned, probability=0.9, k=1.0, vote_sgn=True,
+                                                 apply_stock=True, seed=0, alpha=1.0)
     sd_mecha.merge(recipe, output=out, threads=args["threads"], output_dtype=torch.float16,
                    merge_dtype=torch.float32, merge_device="cpu", output_device="cpu")
     seconds = time.perf_counter() - t0
@@ -101,6 +117,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mecha-python", default=str(ROOT / ".venv-mecha" / "bin" / "python"))
     ap.add_argument("--skip-sdxl", action="store_true")
+    ap.add_argument("--rows", choices=["all", "new"], default="all",
+                    help="new: only sma and the issue-5 methods (model stock, geometric median, TIES, DARE, "
+                         "DARE-TIES) against sd-mecha's same methods")
     ap.add_argument("--out", default=str(ROOT / "_bench_data" / "bench_merge.json"))
     args = ap.parse_args()
     py = sys.executable
@@ -117,6 +136,8 @@ def main() -> int:
         print(f"{name:34s} {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
         return r
 
+    if args.rows == "new":
+        return new_method_rows(args, py, sd15, row, rows, out)
     floor = row("I/O floor (read 3 + write 1)", py, "floor", {"inputs": sd15, "size": size})
     floor2 = row("I/O floor (read 2 + write 1)", py, "floor", {"inputs": sd15[:2], "size": size})
     ours = {}
@@ -163,6 +184,46 @@ def main() -> int:
     Path(args.out).write_text(json.dumps({"rows": rows, "sdxl": sdxl_row, "table": table,
                                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                                           "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return 0
+
+
+# The issue-5 methods on the same 3 x SD1.5 set: the task-vector ones take the first file as the base and the
+# other two as fine-tunes (3 inputs read, like sma); the geometric median takes all three.
+NEW_METHODS = [
+    ("model-stock", {"base": 0}, "n_model_stock"),
+    ("geometric-median", {}, "geometric_median"),
+    ("ties", {"base": 0, "params": {"density": 0.2}}, "ties_sum(k=0.2, vote_sgn)"),
+    ("dare", {"base": 0, "params": {"density": 0.1}}, "dropout(p=0.9) [n-supermario]"),
+    ("dare-ties", {"base": 0, "params": {"density": 0.1}}, "add_ties_with_dare(p=0.9, k=1)"),
+]
+
+
+def new_method_rows(args, py, sd15, row, rows, out) -> int:
+    sma = row("merge_core sma (3 models)", py, "ours", {"inputs": sd15, "method": "sma"})
+    lines = ["| method | merge_core s | MB | sd-mecha 1.1.8 (its method) | s | MB | speed-up | RSS ratio | "
+             "× our sma |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    have_mecha = Path(args.mecha_python).exists()
+    for method, spec, mecha_name in NEW_METHODS:
+        kw = dict(spec.get("params") and {"params": spec["params"]} or {})
+        inputs = sd15[1:] if "base" in spec else sd15
+        if "base" in spec:
+            kw["base"] = sd15[0]
+        ours = row(f"merge_core {method}", py, "ours", {"inputs": inputs, "method": method, "kw": kw})
+        mecha = (row(f"sd-mecha {mecha_name}", args.mecha_python, "mecha", {"inputs": sd15, "method": method})
+                 if have_mecha else None)
+        speed = f"{mecha['seconds'] / ours['seconds']:.1f}×" if mecha else ""
+        ratio = f"{ours['peak_rss_mb'] / mecha['peak_rss_mb']:.2f}" if mecha else ""
+        lines.append(f"| {method} | {ours['seconds']:.2f} | {ours['peak_rss_mb']:.0f} | {mecha_name} | "
+                     f"{mecha['seconds'] if mecha else float('nan'):.2f} | "
+                     f"{mecha['peak_rss_mb'] if mecha else float('nan'):.0f} | {speed} | {ratio} | "
+                     f"{ours['seconds'] / sma['seconds']:.2f} |")
+    lines.append(f"| sma (reference) | {sma['seconds']:.2f} | {sma['peak_rss_mb']:.0f} | | | | | | 1.00 |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    Path(args.out).with_name("bench_merge_methods.json").write_text(json.dumps(
+        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+         "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
     return 0
 
 

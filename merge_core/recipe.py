@@ -3,6 +3,11 @@
 Three audiences: our own JSON recipe (everything needed to redo the merge),
 A1111's `sd_merge_recipe` / `sd_merge_models` (shown by its metadata viewer),
 and the keys of the reference SMA/EMA/WMA merger, so files stay comparable.
+
+Our recipe (`manifold_merge_recipe`) is in the recipe-file format of chain.py (docs/recipes.md): a plain
+merge is a one-step recipe (`inputs` with name, path and short sha256, `method`, `parameters`, `base`),
+a chain a multi-step one (`inputs`, `steps`, `result`). `python -m merge_core recipe OUT` prints it as a
+file that `merge --recipe` runs again (checking the inputs' hashes).
 """
 from __future__ import annotations
 
@@ -15,21 +20,65 @@ import torch
 from . import __version__
 
 
+RECIPE_FORMAT = 1
+
+
+def _entry(name: str, digest: str | None, path) -> dict:
+    entry = {"name": name, "sha256": digest[:10] if digest else None}
+    if path is not None:
+        entry["path"] = str(path)
+    return entry
+
+
 def build_metadata(*, method: str, params: Mapping, names: Sequence[str], hashes: Sequence[str | None],
                    coefficients: Sequence[float] | None, base_name: str | None, base_hash: str | None,
-                   architecture: str, output_dtype: str) -> dict[str, str]:
-    inputs = [{"name": n, "sha256": h[:10] if h else None} for n, h in zip(names, hashes)]
+                   architecture: str, output_dtype: str, paths: Sequence | None = None, base_path=None,
+                   options: Mapping | None = None) -> dict[str, str]:
+    """`paths` (absolute, or None for in-memory inputs) make the recipe runnable; `options` holds the
+    plan switches that change the result (strict, force)."""
+    paths = list(paths) if paths is not None else [None] * len(names)
+    inputs = [_entry(n, h, p) for n, h, p in zip(names, hashes, paths)]
     recipe = {
         "tool": "manifold-merge",
         "version": __version__,
+        "format": RECIPE_FORMAT,
         "method": method,
         "parameters": dict(params),
         "inputs": inputs,
-        "base": {"name": base_name, "sha256": base_hash[:10] if base_hash else None} if base_name else None,
+        "base": _entry(base_name, base_hash, base_path) if base_name else None,
         "architecture": architecture,
         "output_dtype": output_dtype,
+        "options": dict(options or {}),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
+    return _with_legacy_keys(recipe, method, params, names, hashes, base_name, base_hash, coefficients)
+
+
+def build_chain_metadata(*, inputs: Sequence[Mapping], steps: Sequence[Mapping], result: str,
+                         hashes: Mapping[str, str | None], architecture: str, output_dtype: str,
+                         options: Mapping | None = None) -> dict[str, str]:
+    """Metadata of a recipe (chain) output: the whole recipe, runnable; A1111's keys list the input files."""
+    entries = [_entry(i["name"], hashes.get(i["name"]), i.get("path")) for i in inputs]
+    recipe = {
+        "tool": "manifold-merge",
+        "version": __version__,
+        "format": RECIPE_FORMAT,
+        "inputs": entries,
+        "steps": [dict(s) for s in steps],
+        "result": result,
+        "architecture": architecture,
+        "output_dtype": output_dtype,
+        "options": dict(options or {}),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    names = [e["name"] for e in entries]
+    return _with_legacy_keys(recipe, "recipe", {}, names,
+                             [hashes.get(n) for n in names], None, None, None)
+
+
+def _with_legacy_keys(recipe: dict, method: str, params: Mapping, names: Sequence[str],
+                      hashes: Sequence[str | None], base_name: str | None, base_hash: str | None,
+                      coefficients: Sequence[float] | None) -> dict[str, str]:
     a1111_recipe = {
         "type": "manifold-merge",
         "method": method,
