@@ -236,6 +236,38 @@ class MergeService:
         title = self.host.saved_title(output)
         return f"Saved {output.name} to {output.parent} ({how}).", title
 
+    def run_recipe(self, text: str, name: str = "", ui_progress: UIProgress | None = None) -> tuple[str, str]:
+        """Run a pasted recipe (YAML or JSON; docs/recipes.md) into the checkpoint folder. Its inputs must be
+        checkpoints of the host's list (by name, or by a path to a listed file); the output is a new file
+        there. Returns (message, saved title)."""
+        import yaml
+        from merge_core.chain import load_recipe, run_recipe
+        try:
+            data = yaml.safe_load(text or "")
+        except yaml.YAMLError as exc:
+            raise MergeError(f"the recipe is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise MergeError("paste a recipe: inputs, steps and an output (see docs/recipes.md)")
+        folder = self.host.checkpoint_dir()
+        recipe = load_recipe(data, base_dir=folder)
+        listed = {p.resolve(): n for n, p in zip(self.host.list_checkpoints(),
+                                                 self._paths(self.host.list_checkpoints()))}
+        for entry in recipe.inputs:
+            if entry.path.resolve() not in listed:
+                raise MergeError(f"recipe input {entry.name!r} ({entry.path.name}): not a checkpoint in the models "
+                                 f"folder ({folder}); use the names the pickers show")
+        stem = (name or "").strip() or (recipe.output.name if recipe.output else "")
+        output = folder / f"{plain_name(stem, 'output name')}.safetensors"
+        if output.exists():
+            raise MergeError(f"{output.name} already exists in {folder}; pick another name")
+        with self._job("Manifold Merge: recipe", ui_progress) as progress:
+            result = run_recipe(recipe, progress, output=output, threads=self.host.settings().threads or None,
+                                device=self.device(None))
+        self.host.refresh()
+        steps = len(recipe.steps) if hasattr(recipe, "steps") else 1
+        return (f"Saved {output.name} to {folder} ({steps} step{'s' if steps != 1 else ''}, "
+                f"{result.summary['seconds']:.1f} s)."), self.host.saved_title(output)
+
     def _recipe_key(self, req: MergeRequest) -> str:
         data = asdict(req)
         data.pop("name")
@@ -390,7 +422,9 @@ def tab_words(message: str) -> str:
     """A core message in the tab's words: the CLI's flag names become the tab's control labels."""
     import re
     labels = {"--blocks-file": "Block weights", "--blocks": "Block weights", "--override": "Overrides",
-              "--preset": "Block preset"}
+              "--preset": "Block preset", "--base": "Base model", "--vae": "Bake in VAE",
+              "--discard": "Discard weights", "--force": "Merge shared keys only",
+              "--overwrite": "Overwrite an existing file"}
     for flag in registry.cli_flags():
         method_name, param_name = flag.targets[0]
         label = registry.get(method_name).param(param_name).label or param_name

@@ -206,6 +206,20 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 status = gr.Markdown("", elem_id="manifold_merge_status")
                 saved_title = gr.Textbox("", visible=False, elem_id="manifold_merge_saved_title")
                 armed = gr.State("")
+                with gr.Accordion("Run a recipe (chains of merges, key by key, no intermediate files)", open=False,
+                                  elem_id="manifold_merge_recipe_run_section"):
+                    recipe_text = gr.Code(language="yaml", label="Recipe (YAML: inputs are checkpoint names from "
+                                                                 "the list; see docs/recipes.md)",
+                                          elem_id="manifold_merge_recipe_text", interactive=True)
+                    with gr.Row():
+                        recipe_file = gr.File(label="or load a recipe file (.yaml/.json)", file_types=[".yaml", ".yml",
+                                                                                                   ".json"],
+                                              elem_id="manifold_merge_recipe_file")
+                        recipe_name = gr.Textbox(label="Output name (empty: the recipe's output)",
+                                                 elem_id="manifold_merge_recipe_name")
+                    recipe_run = gr.Button("Run recipe", variant="primary", elem_id="manifold_merge_recipe_run")
+                    recipe_status = gr.Markdown("", elem_id="manifold_merge_recipe_status")
+                    recipe_title = gr.Textbox("", visible=False, elem_id="manifold_merge_recipe_title")
                 with gr.Accordion("Recipe written into the file's metadata", open=True,
                                   elem_id="manifold_merge_recipe_box") as recipe_box:
                     recipe = gr.Code(language="json", label="Recipe", elem_id="manifold_merge_recipe")
@@ -424,6 +438,30 @@ def build_tab(service: MergeService) -> gr.Blocks:
                 return _error(exc)
 
         load.click(on_load, merge_inputs, status, api_name="manifold_merge_load")
+
+        def on_recipe_file(upload):
+            if upload is None:
+                return gr.update()
+            path = getattr(upload, "name", upload)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return handle.read(1 << 20)
+            except (OSError, UnicodeDecodeError) as exc:
+                return f"# could not read that file: {exc}"
+
+        recipe_file.upload(on_recipe_file, recipe_file, recipe_text, queue=False)
+
+        def on_recipe(progress=gr.Progress(), *values):
+            text, out_name = values
+            try:
+                return service.run_recipe(text, out_name, _ui_progress(progress))
+            except Exception as exc:  # noqa: BLE001  (shown in the tab, never a bare gradio error)
+                return _error(exc), ""
+
+        recipe_run.click(on_recipe, [recipe_text, recipe_name], [recipe_status, recipe_title],
+                         api_name="manifold_merge_recipe") \
+            .then(lambda title, *picked: choice_updates(*picked) if title else tuple(gr.update() for _ in pickers),
+                  [recipe_title] + pickers, pickers, show_progress="hidden")
 
         def on_switch(title):
             try:

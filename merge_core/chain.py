@@ -327,12 +327,6 @@ def load_recipe(recipe, base_dir=None) -> Recipe:
 
 # ---------------------------------------------------------------- validation (nothing read but headers)
 
-def requires_base(method: registry.Method) -> bool:
-    """Task-vector methods mark their merge function with `requires_base = True`."""
-    return bool(getattr(method.elementwise, "requires_base", False) or
-                getattr(method.coefficients, "requires_base", False))
-
-
 @dataclass
 class BoundStep:
     spec: StepSpec
@@ -364,7 +358,7 @@ def bind_steps(recipe: Recipe) -> list[BoundStep]:
             if step.base is not None and not entry.takes_base:
                 raise MergeError(f"a base model only applies to {' and '.join(registry.base_methods())}, "
                                  f"not {entry.name}")
-            if step.base is None and requires_base(entry):
+            if step.base is None and entry.requires_base:
                 raise MergeError(f"method {entry.name} merges task vectors and needs a base (`base:`)")
             bound = entry.bind(len(step.models), values, step.precision)
         except MergeError as exc:

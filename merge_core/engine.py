@@ -309,6 +309,9 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
     method = entry.name
     if base is not None and not entry.takes_base:
         raise MergeError(f"a base model only applies to {' and '.join(registry.base_methods())}, not {method}")
+    if base is None and entry.requires_base:
+        raise MergeError(f"{method} merges task vectors and needs a base: give the model they were fine-tuned from "
+                         f"(--base)")
     config = entry.bind(len(models), values, precision)
     threads = check_threads(threads)
     dev = resolve_device(device)

@@ -92,6 +92,7 @@ class Method:
     min_models: int = 2
     max_models: int = 100
     takes_base: bool = False
+    requires_base: bool = False           # task-vector methods (model stock, TIES, DARE): no base, no merge
     # coefficients(gram or None, values, n) -> c with result = sum c_i x_i (with a base: base + sum c_i d_i)
     coefficients: Callable | None = None
     needs_gram: bool = False

@@ -11,7 +11,6 @@ def _merger(name, elect):
         return S.sparse_task_merge(tensors, base, lam=values["lambda"], dare_density=values["density"],
                                    elect=elect, seed=values["seed"], key=key, out_dtype=out_dtype,
                                    compute_dtype=compute_dtype, out=out, saturated=saturated)
-    merge.requires_base = True  # chain.py checks it before anything is read
     return merge
 
 
@@ -20,7 +19,7 @@ register(Method(
     help="each task vector's elements kept with probability density and scaled by 1/density, averaged, times "
          "lambda, added to the base (needs --base; deterministic per seed and key)",
     params=(density(0.1, "dare"), LAMBDA, SEED),
-    min_models=1, takes_base=True, elementwise=_merger("dare", elect=False), aliases=("dare-linear",),
+    min_models=1, takes_base=True, requires_base=True, elementwise=_merger("dare", elect=False), aliases=("dare-linear",),
 ))
 
 register(Method(
@@ -28,5 +27,5 @@ register(Method(
     help="DARE's drop and rescale, then TIES' sign election and disjoint mean, times lambda, added to the base "
          "(needs --base)",
     params=(density(0.1, "dare"), LAMBDA, SEED),
-    min_models=1, takes_base=True, elementwise=_merger("dare-ties", elect=True), aliases=("dare_ties",),
+    min_models=1, takes_base=True, requires_base=True, elementwise=_merger("dare-ties", elect=True), aliases=("dare_ties",),
 ))

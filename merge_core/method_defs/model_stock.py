@@ -12,7 +12,6 @@ def _merge(tensors, base, values, *, key="", out_dtype=None, compute_dtype=None,
     return M.linear_combination(list(tensors) + [base], coeffs, out_dtype, compute_dtype, out, saturated)
 
 
-_merge.requires_base = True  # chain.py checks it before anything is read
 
 
 register(Method(
@@ -21,5 +20,5 @@ register(Method(
          "pairwise cosine of the task vectors (needs --base)",
     params=(Param("cos_eps", 1e-6, minimum=0.0, min_open=True, maximum=1.0, flags=("--cos-eps",),
                   label="cos eps", help="lower clamp of each pair's norm product"),),
-    min_models=2, takes_base=True, elementwise=_merge, aliases=("model_stock", "modelstock"),
+    min_models=2, takes_base=True, requires_base=True, elementwise=_merge, aliases=("model_stock", "modelstock"),
 ))

@@ -35,7 +35,6 @@ def _merge(tensors, base, values, *, key="", out_dtype=None, compute_dtype=None,
                                saturated=saturated)
 
 
-_merge.requires_base = True  # chain.py checks it before anything is read
 
 
 register(Method(
@@ -43,5 +42,5 @@ register(Method(
     help="task vectors trimmed to their top density fraction by magnitude, sign elected per element, "
          "disjoint mean, times lambda, added to the base (needs --base)",
     params=(density(0.2, "ties"), LAMBDA),
-    min_models=1, takes_base=True, elementwise=_merge, aliases=("ties-merging",),
+    min_models=1, takes_base=True, requires_base=True, elementwise=_merge, aliases=("ties-merging",),
 ))

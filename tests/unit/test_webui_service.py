@@ -227,3 +227,36 @@ def test_block_editor_layout_presets_and_per_model_rows_save_like_the_engine(tmp
     with pytest.raises(MergeError, match="has no parameter that can vary per block"):
         service.save(MergeRequest(method="sma", models=names, name="x", blocks="BASE:0"))
     assert not (folder / "x.safetensors").exists()
+
+
+def test_the_recipe_box_runs_a_chain_of_listed_checkpoints_like_the_cli(tmp_path):
+    from merge_core.cli import main
+    from merge_core.demo import write_demo_models
+    from merge_core.io import open_model
+    folder = tmp_path / "models"
+    write_demo_models(folder)
+    service = MergeService(Host(folder))
+    text = """
+inputs: {a: demo_model_1.safetensors, b: demo_model_2.safetensors, c: demo_model_3.safetensors}
+steps:
+  k: {method: karcher, models: [a, b, c]}
+  out: {method: slerp, models: [k, a], t: 0.3, blocks: "BASE:0, OUT*:0.8"}
+output: chained.safetensors
+"""
+    message, _ = service.run_recipe(text)
+    assert message.startswith("Saved chained.safetensors") and "2 steps" in message
+    (tmp_path / "r.yaml").write_text(text.replace("demo_model_", str(folder / "demo_model_")))
+    assert main(["merge", "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "cli.safetensors"),
+                 "-q"]) == 0
+    with open_model(folder / "chained.safetensors") as ours, open_model(tmp_path / "cli.safetensors") as cli:
+        for key in cli.keys():
+            assert torch.equal(ours.load(key), cli.load(key)), key
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((folder / "demo_model_1.safetensors").read_bytes())
+    before = sorted(p.name for p in folder.iterdir())
+    for bad, message in [(text.replace("demo_model_3.safetensors", str(outside)), "not a checkpoint in the models"),
+                         ("steps: [", "not valid YAML"), ("just text", "paste a recipe"),
+                         (text, "chained.safetensors already exists")]:
+        with pytest.raises(MergeError, match=message):
+            service.run_recipe(bad, "" if "already" in message else "other")
+    assert sorted(p.name for p in folder.iterdir()) == before
