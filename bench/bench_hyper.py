@@ -3,6 +3,10 @@ extraction at the same total bytes, and the SVD floor, in one run.
 
     python bench/bench_hyper.py                    # 4 full-size SD1.5-layout fp16 models, ranks 64 64 32 32, 6 rounds
     python bench/bench_hyper.py --device cuda
+    python bench/bench_hyper.py --fixture broad --shrink 4 --no-svd   # a harder fixture, widths / 4
+
+Fixtures (bench/fixtures.py HYPER_FIXTURES): spectral (below), broad and many (harder: more models,
+near-full-rank slowly decaying spectra, parts of each model's own, noise; ranks well below the span).
 
 Models: a shared base plus, in every covered layer, six shared components with decaying singular
 spectra (sigma_i ~ 1/i over 256 directions) mixed with per-model coefficients of decaying scale,
@@ -21,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures import DATA, layout_specs  # noqa: E402
+from bench.fixtures import DATA, HYPER_FIXTURES, build_hyper_fixture, fixture_ranks, layout_specs  # noqa: E402
 from bench.hyper_reference import reference_hyper  # noqa: E402
 from merge_core.hyper.pipeline import HyperConfig, run_hyper  # noqa: E402
 from merge_core.io import SafetensorsWriter, open_model  # noqa: E402
@@ -75,32 +79,41 @@ def build(count: int = 4, seed: int = 0) -> list[Path]:
 
 
 def main() -> int:
+    import resource
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", nargs="+", type=int, default=[64, 64, 32, 32])
+    ap.add_argument("--fixture", choices=sorted(HYPER_FIXTURES), default="spectral")
+    ap.add_argument("--shrink", type=int, default=1, help="divide every width by this (fixture and ranks)")
+    ap.add_argument("--ranks", nargs="+", type=int, help="default: the fixture's (divided by --shrink)")
     ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--power", type=float, help="merge_core's objective exponent (default: the library's)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--no-svd", action="store_true", help="skip the per-model SVD pass (floor, per-model LoRA)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(DATA / "bench_hyper.json"))
+    ap.add_argument("--out", help="JSON results (default: _bench_data/bench_hyper_FIXTURE.json)")
     args = ap.parse_args()
+    ranks = args.ranks or fixture_ranks(args.fixture, args.shrink)
     t0 = time.perf_counter()
-    paths = build()
+    paths = build() if args.fixture == "spectral" and args.shrink == 1 else build_hyper_fixture(args.fixture, args.shrink)
     print(f"fixtures ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out_dir = DATA / "hyper_out"
     out_dir.mkdir(exist_ok=True)
     dev = torch.device(args.device)
 
+    extra = {} if args.power is None else {"power": args.power}
     t0 = time.perf_counter()
-    ours = run_hyper(HyperConfig(models=paths, name="bench", out_dir=out_dir, ranks=args.ranks,
+    ours = run_hyper(HyperConfig(models=paths, name="bench", out_dir=out_dir, ranks=ranks,
                                  iterations=args.iterations, device=args.device, dtype="float16", tol=1e-4,
-                                 floor=False, overwrite=True))
+                                 floor=False, overwrite=True, threads=args.threads, **extra))
     ours_s = time.perf_counter() - t0
+    ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ours_err = [r["relative_error_covered"] for r in ours.report["per_model"]]
-    print(f"merge_core: {ours_s:.0f} s, errors {['%.4f' % e for e in ours_err]}", flush=True)
+    print(f"merge_core: {ours_s:.1f} s, peak RSS {ours_rss:.0f} MB, errors {['%.4f' % e for e in ours_err]}", flush=True)
 
     # The reference, the per-model baseline and the floor all work on the same differences from the hyper model.
     sources = [open_model(p) for p in paths]
     hyper = open_model(ours.hyper_path)
     modules = lora_modules(sources[0].specs(), "sd1")
-    total_rank = sum(args.ranks)
+    total_rank = sum(ranks)
     per_model_rank = total_rank // len(paths)   # same total LoRA bytes split over the models
     floor = torch.zeros(len(paths), dtype=torch.float64)
     per_model = torch.zeros(len(paths), dtype=torch.float64)
@@ -111,6 +124,9 @@ def main() -> int:
         deltas = layer_deltas(sources, hyper, mod, dev)
         deltas_fp16.append([d.half().cpu() for d in deltas])
         for m, d in enumerate(deltas):
+            if args.no_svd:
+                norms[m] += float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
+                continue
             s2 = torch.linalg.svdvals(d).double() ** 2
             norms[m] += float(s2.sum())
             floor[m] += float(s2[total_rank:].sum())
@@ -119,7 +135,7 @@ def main() -> int:
     print(f"floor + per-model extraction: {svd_s:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    lam, factors = reference_hyper(deltas_fp16, args.ranks, args.iterations)
+    lam, factors = reference_hyper(deltas_fp16, ranks, args.iterations)
     ref_s = time.perf_counter() - t0
     # reference error, from the original (undeflated) differences
     ref_sq = torch.zeros(len(paths), dtype=torch.float64)
@@ -129,26 +145,33 @@ def main() -> int:
             recon = sum(float(lam[k, m]) * (u @ v.T) for k, (u, v) in enumerate(factors[i]))
             ref_sq[m] += float(torch.linalg.vector_norm(d - recon, dtype=torch.float64) ** 2)
     ref_err = (ref_sq / norms).tolist()
-    print(f"reference: {ref_s:.0f} s, errors {['%.4f' % e for e in ref_err]}", flush=True)
+    print(f"reference: {ref_s:.1f} s, errors {['%.4f' % e for e in ref_err]}", flush=True)
     for s in sources:
         s.close()
     hyper.close()
 
     floor_err = (floor / norms).tolist()
     pm_err = (per_model / norms).tolist()
-    rows = ["| model | merge_core | reference (greedy ALS) | per-model LoRA, same bytes | SVD floor (rank %d) |" % total_rank,
-            "|---|---:|---:|---:|---:|"]
+    rows = [f"fixture {args.fixture}, widths / {args.shrink}, {len(paths)} models, ranks {ranks}, "
+            f"{args.iterations} rounds",
+            "| model | merge_core | reference (greedy ALS) | ours / reference | per-model LoRA, same bytes | "
+            "SVD floor (rank %d) |" % total_rank,
+            "|---|---:|---:|---:|---:|---:|"]
     for m, p in enumerate(paths):
-        rows.append(f"| {p.stem} | {ours_err[m]:.4f} | {ref_err[m]:.4f} | {pm_err[m]:.4f} | {floor_err[m]:.4f} |")
+        rows.append(f"| {p.stem} | {ours_err[m]:.4f} | {ref_err[m]:.4f} | {ours_err[m] / ref_err[m]:.3f} | "
+                    f"{pm_err[m]:.4f} | {floor_err[m]:.4f} |")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    rows.append(f"| **mean** | **{mean(ours_err):.4f}** | {mean(ref_err):.4f} | {mean(pm_err):.4f} | {mean(floor_err):.4f} |")
-    rows.append(f"| time (s) | {ours_s:.0f} | {ref_s:.0f} | (SVD pass {svd_s:.0f}) | |")
+    rows.append(f"| **mean** | **{mean(ours_err):.4f}** | {mean(ref_err):.4f} | {mean(ours_err) / mean(ref_err):.3f} "
+                f"| {mean(pm_err):.4f} | {mean(floor_err):.4f} |")
+    rows.append(f"| worst model | {max(ours_err):.4f} | {max(ref_err):.4f} | | | |")
+    rows.append(f"| time (s) | {ours_s:.1f} | {ref_s:.1f} | {ours_s / ref_s:.3f} | (SVD pass {svd_s:.0f}) | |")
     table = "\n".join(rows)
     print(table)
     print("rounds:", [round(r["mean_relative_error"], 4) for r in ours.report["rounds"]])
-    Path(args.out).write_text(json.dumps({"table": table, "ours": ours.report, "reference": ref_err,
-                                          "per_model": pm_err, "floor": floor_err,
-                                          "times": {"ours": ours_s, "reference": ref_s, "svd": svd_s}}, indent=2))
+    out = Path(args.out) if args.out else DATA / f"bench_hyper_{args.fixture}.json"
+    out.write_text(json.dumps({"table": table, "ours": ours.report, "reference": ref_err,
+                               "per_model": pm_err, "floor": floor_err, "peak_rss_mb_ours": ours_rss,
+                               "times": {"ours": ours_s, "reference": ref_s, "svd": svd_s}}, indent=2))
     return 0
 
 

@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mecha-python", default=str(ROOT / ".venv-mecha" / "bin" / "python"))
     ap.add_argument("--skip-sdxl", action="store_true")
-    ap.add_argument("--rows", choices=["all", "new"], default="all",
+    ap.add_argument("--rows", choices=["all", "new", "blocks"], default="all",
                     help="new: only sma and the issue-5 methods (model stock, geometric median, TIES, DARE, "
                          "DARE-TIES) against sd-mecha's same methods")
     ap.add_argument("--out", default=str(ROOT / "_bench_data" / "bench_merge.json"))
@@ -138,6 +138,8 @@ def main() -> int:
 
     if args.rows == "new":
         return new_method_rows(args, py, sd15, row, rows, out)
+    if args.rows == "blocks":
+        return block_rows(args, py, sd15, row, rows)
     floor = row("I/O floor (read 3 + write 1)", py, "floor", {"inputs": sd15, "size": size})
     floor2 = row("I/O floor (read 2 + write 1)", py, "floor", {"inputs": sd15[:2], "size": size})
     ours = {}
@@ -222,6 +224,35 @@ def new_method_rows(args, py, sd15, row, rows, out) -> int:
     print()
     print(table)
     Path(args.out).with_name("bench_merge_methods.json").write_text(json.dumps(
+        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+         "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return 0
+
+
+# Block weights keep Karcher on the Gram path (coefficients per key): the same work as a plain Karcher.
+KARCHER_BLOCK_ROWS = ["BASE:1, IN*:0.5, M00:1, OUT*:2", "BASE:1, IN00-IN05:2, OUT*:1", "BASE:0.5, OUT*:0.25"]
+
+
+def block_rows(args, py, sd15, row, rows) -> int:
+    """Plain Karcher against block-weighted Karcher (one weight row per model) on the same files, the runs
+    interleaved so both see the same machine; the best of `--repeat` each."""
+    plain, blocked = [], []
+    for _ in range(args.repeat):
+        plain.append(row("merge_core karcher (3 models)", py, "ours", {"inputs": sd15, "method": "karcher"}))
+        blocked.append(row("merge_core karcher, block weights", py, "ours",
+                           {"inputs": sd15, "method": "karcher", "kw": {"blocks": KARCHER_BLOCK_ROWS}}))
+    best_plain = min(plain, key=lambda r: r["seconds"])
+    best_blocked = min(blocked, key=lambda r: r["seconds"])
+    table = "\n".join([
+        "| run | wall s (best of %d) | peak RSS MB |" % args.repeat, "|---|---:|---:|",
+        f"| merge_core karcher, 3 × SD1.5 | {best_plain['seconds']:.2f} | {best_plain['peak_rss_mb']:.0f} |",
+        f"| merge_core karcher, block weights (one row per model) | {best_blocked['seconds']:.2f} | "
+        f"{best_blocked['peak_rss_mb']:.0f} |",
+        f"| block-weighted / plain | {best_blocked['seconds'] / best_plain['seconds']:.3f} | "
+        f"{best_blocked['peak_rss_mb'] / best_plain['peak_rss_mb']:.3f} |"])
+    print()
+    print(table)
+    Path(args.out).with_name("bench_merge_blocks.json").write_text(json.dumps(
         {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
          "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
     return 0

@@ -11,7 +11,11 @@ def add_subcommands(sub) -> None:
     p = sub.add_parser("hyper", help="M checkpoints -> one hyper checkpoint + K LoRAs with per-model strengths")
     p.add_argument("--config", help="YAML with the reference keys: name, models, device, dtype, iterations, ranks")
     p.add_argument("--models", nargs="+")
-    p.add_argument("--ranks", nargs="+", type=int)
+    p.add_argument("--ranks", nargs="+", help="one rank per LoRA (64 64 32 32 or 64,64,32,32), or auto "
+                   "(with --budget or --target): how many LoRAs and which ranks, from the PCA spectrum")
+    p.add_argument("--budget", help="--ranks auto: total size of the LoRA files, e.g. 500MB, 1.5GB")
+    p.add_argument("--target", type=float, help="--ranks auto: mean relative error to reach, e.g. 0.05")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs available, at most 4)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--name")
     p.add_argument("--out-dir")
@@ -39,6 +43,23 @@ def add_subcommands(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
 
+def parse_ranks(values) -> list[int] | str:
+    """--ranks 64 64 32 32, --ranks 64,64,32,32, --ranks "64, 64" or --ranks auto."""
+    if isinstance(values, str):
+        values = [values]
+    items = [part for value in values for part in str(value).replace(",", " ").split()]
+    if len(items) == 1 and items[0].lower() == "auto":
+        return "auto"
+    try:
+        ranks = [int(x) for x in items]
+    except ValueError:
+        raise MergeError(f"--ranks: give integers (64 64 32 32 or 64,64,32,32) or auto, got {' '.join(items)}") \
+            from None
+    if not ranks:
+        raise MergeError("--ranks: give at least one rank")
+    return ranks
+
+
 def _config_from(args) -> dict:
     cfg: dict = {}
     if args.config:
@@ -49,13 +70,16 @@ def _config_from(args) -> dict:
             raise MergeError(f"{args.config}: cannot read config ({exc})") from None
         if not isinstance(cfg, dict):
             raise MergeError(f"{args.config}: config must be a mapping")
-        unknown = set(cfg) - {"name", "models", "device", "dtype", "iterations", "ranks", "out_dir", "tol"}
+        unknown = set(cfg) - {"name", "models", "device", "dtype", "iterations", "ranks", "out_dir", "tol",
+                              "budget", "target", "threads"}
         if unknown:
             raise MergeError(f"{args.config}: unknown keys {sorted(unknown)}")
-    for key in ("models", "ranks", "iterations", "name", "device", "dtype"):
+    for key in ("models", "ranks", "iterations", "name", "device", "dtype", "budget", "target", "threads"):
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
+    if cfg.get("ranks") is not None:
+        cfg["ranks"] = parse_ranks(cfg["ranks"])
     if args.out_dir is not None:
         cfg["out_dir"] = args.out_dir
     if not cfg.get("models"):
@@ -73,6 +97,8 @@ def cmd_hyper(args) -> int:
             models=cfg["models"], name=cfg.get("name", "hyper"), out_dir=cfg.get("out_dir", "."),
             lora_dir=args.lora_dir,
             ranks=cfg.get("ranks", (64, 64, 32, 32)), iterations=int(cfg.get("iterations", 6)),
+            budget=cfg.get("budget"), target=None if cfg.get("target") is None else float(cfg["target"]),
+            threads=cfg.get("threads"),
             device=cfg.get("device", "cpu"), dtype=cfg.get("dtype", "float16"), tol=float(cfg.get("tol", args.tol)),
             floor=not args.no_floor, overwrite=args.overwrite, progress=update))
     finally:

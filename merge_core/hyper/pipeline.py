@@ -7,7 +7,6 @@ output directory and moved into place only when everything succeeded.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -18,14 +17,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import methods
 from ..engine import merge, resolve_device
-from ..errors import MergeCancelled, MergeError, OutputExists
+from ..errors import MergeCancelled, MergeError
 from ..inputs import plain_name
+from ..io.atomic import Target, deferred_signals, lock_exclusive, remove_quietly, sweep_stale, temp_name
+from ..io.safetensors_file import check_output_path
 from ..io.sources import ModelSource, open_model
 from ..lora.format import balanced_factors, factors_to_lora_tensors, save_lora, strength_tag
 from ..lora.keys import LoraModule, layer_deltas, lora_modules
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
+from ..io.safetensors_file import HEADER_SLACK
+from ..threads import SMALL_UNIT, map_ordered, thread_policy, workers_for
 from . import decompose as D
 
 DTYPE_ALIASES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
@@ -39,7 +41,7 @@ class HyperConfig:
     name: str = "hyper"
     out_dir: str | os.PathLike = "."
     lora_dir: str | os.PathLike | None = None  # where the LoRA files go (default: out_dir)
-    ranks: Sequence[int] = (64, 64, 32, 32)
+    ranks: Sequence[int] | str = (64, 64, 32, 32)   # or "auto" (with budget or target)
     iterations: int = 6
     device: str = "cpu"
     dtype: str = "fp16"
@@ -48,6 +50,10 @@ class HyperConfig:
     floor: bool = True
     overwrite: bool = False
     threads: int | None = None
+    start: str = "all"         # "pca", "greedy", "reference" or "all" (see _decompose)
+    budget: int | str | None = None   # ranks="auto": total bytes of the LoRA files, e.g. "500MB"
+    target: float | None = None       # ranks="auto": mean relative error to reach, e.g. 0.05
+    power: float = 2.0         # rounds minimise (mean_m e_m^power)^(1/power), e_m = relative error
     progress: Progress | None = None
 
 
@@ -60,6 +66,7 @@ class HyperResult:
     lambdas: dict[str, list[float]]
     report: dict
     rounds: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
 
 
 def stem(path) -> str:
@@ -95,13 +102,29 @@ def _validate(sources: Sequence[ModelSource], modules: Sequence[LoraModule]) -> 
                                  f"{first.name} has {list(first.spec(module.key).shape)}")
 
 
-@torch.no_grad()
 def run_hyper(cfg: HyperConfig) -> HyperResult:
+    """The whole hyper-merge under the library's thread policy: one torch intra-op thread throughout (the
+    per-layer linear algebra is small; the sketch pass runs layers on `threads` workers, the hyper checkpoint
+    is the engine's own split), torch's previous setting restored afterwards."""
+    with thread_policy(cfg.threads, "cpu", workers=1, small=True):
+        return _run_hyper(cfg)
+
+
+@torch.no_grad()
+def _run_hyper(cfg: HyperConfig) -> HyperResult:
     started = time.perf_counter()
     plain_name(cfg.name, "name")  # a file name, never a path
     if len(cfg.models) < 2:
         raise MergeError("hyper-merge needs at least 2 models")
-    if not cfg.ranks or any(int(r) < 1 for r in cfg.ranks):
+    auto = isinstance(cfg.ranks, str)
+    if auto:
+        if cfg.ranks.strip().lower() != "auto":
+            raise MergeError(f"ranks must be positive integers or 'auto', got {cfg.ranks!r}")
+        if (cfg.budget is None) == (cfg.target is None):
+            raise MergeError("ranks auto needs exactly one of budget (e.g. 500MB) or target (e.g. 0.05)")
+        if cfg.target is not None and not 0 < float(cfg.target) < 1:
+            raise MergeError(f"target is a relative error between 0 and 1, got {cfg.target}")
+    elif not cfg.ranks or any(int(r) < 1 for r in cfg.ranks):
         raise MergeError(f"ranks must be positive integers, got {list(cfg.ranks)}")
     if cfg.iterations < 1:
         raise MergeError("iterations must be >= 1")
@@ -116,27 +139,34 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
     lora_dir = Path(cfg.lora_dir) if cfg.lora_dir is not None else out_dir
     if not lora_dir.is_dir():
         raise MergeError(f"{lora_dir}: LoRA folder does not exist")
-    ranks = D.assign_ranks(cfg.ranks)
+    auto_info = None
+    if auto:
+        ranks, auto_info = _auto_ranks(cfg, [Path(p) for p in cfg.models], device, out_dtype)
+    else:
+        ranks = D.assign_ranks(cfg.ranks)
     names = output_names(cfg.name, ranks)
     final = {key: (lora_dir if key.startswith("lora") else out_dir) / fname for key, fname in names.items()}
     for path in final.values():
-        if path.exists() and not cfg.overwrite:
-            raise OutputExists(f"{path}: already exists (use --overwrite to replace it)")
+        check_output_path(path, cfg.overwrite)
+    targets = {key: Target.capture(path, cfg.overwrite) for key, path in final.items()}
     model_paths = [Path(p) for p in cfg.models]
     stems = [stem(p) for p in model_paths]
     if len(set(stems)) != len(stems):
         raise MergeError(f"two models share a name ({', '.join(stems)}); LoRA tags need distinct names")
 
     sources = [open_model(p) for p in model_paths]
-    tmp = out_dir / f".{cfg.name}.tmp-hyper"
+    stale = sweep_stale(out_dir) + (sweep_stale(lora_dir) if lora_dir.resolve() != out_dir.resolve() else [])
+    tmp = out_dir / temp_name(out_dir / cfg.name)
+    tmp_fd = None
     try:
         arch, _ = check_architectures(sources, force=False)
         modules = lora_modules(sources[0].specs(), arch)
         _validate(sources, modules)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        tmp_fd = os.open(tmp, os.O_RDONLY)
+        lock_exclusive(tmp_fd)
         n_layers = len(modules)
-        ticker = _Ticker(cfg.progress, n_layers * (cfg.iterations + 1 + (1 if cfg.floor else 0)) + 1)
+        ticker = _Ticker(cfg.progress, n_layers + 1 + 3 * cfg.iterations)
 
         # 1. The hyper model: the plain average of all models (every key), streamed by the engine.
         hyper_path = tmp / names["hyper"]
@@ -145,9 +175,8 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
         ticker("hyper checkpoint")
         hyper = open_model(hyper_path)
         try:
-            rounds, lam, factors, fits, uncovered_sq, eigvals = _decompose(
+            rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq = _decompose(
                 cfg, sources, hyper, modules, ranks, device, ticker)
-            floor_sq = _svd_floor(sources, hyper, modules, sum(ranks), device, ticker) if cfg.floor else None
         finally:
             hyper.close()
 
@@ -156,107 +185,325 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
         lora_paths = _write_loras(tmp, names, lora_names, modules, factors, ranks, lam_rows, out_dtype, cfg, arch)
         report = _report(cfg, stems, modules, ranks, lam, fits, uncovered_sq, floor_sq, eigvals, rounds,
                          model_paths, [hyper_path] + lora_paths, arch, time.perf_counter() - started)
+        if auto_info is not None:
+            auto_info["lora_bytes"] = sum(p.stat().st_size for p in lora_paths)
+            auto_info["met"] = (auto_info["lora_bytes"] <= auto_info["budget_bytes"] if "budget_bytes" in auto_info
+                                else report["mean_relative_error_covered"] <= auto_info["target"])
+            report["auto_ranks"] = auto_info
+        if len(ranks) > len(stems) - 1:
+            report["note"] = (f"{len(ranks)} LoRAs for {len(stems)} models: the models span at most "
+                              f"{len(stems) - 1} directions around their average; the LoRAs beyond that add rank "
+                              f"to the largest directions (ranks auto never does this)")
         multipliers = "".join(f"{s}: " + " ".join(strength_tag(n, lam_rows[s][k]) for k, n in enumerate(lora_names))
                               + "\n" for s in stems)
         (tmp / names["multipliers"]).write_text(multipliers)
         (tmp / names["report"]).write_text(json.dumps(report, indent=2))
-        for key, fname in names.items():  # everything succeeded: move into place
-            _move_into_place(tmp / fname, final[key])
+        placed: list[Path] = []
+        try:
+            for key, fname in names.items():  # everything succeeded: move into place
+                _move_into_place(tmp / fname, targets[key])
+                placed.append(targets[key].path)
+        except BaseException:
+            with deferred_signals():  # a set is whole or absent: take back the files of this run
+                for key, path in zip(names, placed):
+                    if targets[key].identity is None:
+                        remove_quietly(path)
+            raise
+    finally:
+        with deferred_signals():
+            remove_quietly(tmp)
+            if tmp_fd is not None:
+                os.close(tmp_fd)
+        for s in sources:
+            s.close()
+    return HyperResult(final["hyper"], [final[f"lora{k}"] for k in range(len(ranks))],
+                       final["multipliers"], final["report"], lam_rows, report, rounds,
+                       notes=[entry.describe() for entry in stale])
+
+
+def _move_into_place(src: Path, target: Target) -> None:
+    """Move a finished file into place under the no-replace rule; across file systems, copy it to a
+    hidden temporary name beside the target first, so the target is never partial."""
+    if src.parent.resolve() != target.path.parent.resolve():
+        part = target.path.parent / temp_name(target.path)
+        try:
+            shutil.copyfile(src, part)
+            target.place(part)
+        finally:
+            remove_quietly(part if part.exists() else None)
+        return
+    target.place(src)
+
+
+def parse_size(value) -> int:
+    """Bytes from 500MB / 1.5GB / 800MiB / 123456 (KB, MB, GB: powers of 1000; KiB, MiB, GiB: of 1024)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            text, scale = text[:-len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        size = float(text) * scale
+    except ValueError:
+        raise MergeError(f"budget: cannot read {value!r} (e.g. 500MB, 1.5GB)") from None
+    if size <= 0:
+        raise MergeError(f"budget must be positive, got {value!r}")
+    return int(size)
+
+
+AUTO_WIDTH = 256   # ranks auto: sketch columns per layer (total rank at most AUTO_WIDTH - 32)
+
+
+@torch.no_grad()
+def _auto_ranks(cfg, model_paths, device, out_dtype) -> tuple[list[int], dict]:
+    """Pick how many LoRAs and which ranks from the principal components of the differences.
+
+    One streaming pass (around the models' float32 mean): per layer the sketch of all differences; then
+    each principal component's matrix per layer (sum_m v[k,m] C[m]), its singular values, and ranks
+    allocated greedily by energy captured per byte (steps of 4) until the budget is spent or the
+    estimated mean error reaches the target. Never more LoRAs than the M - 1 directions the models span."""
+    sources = [open_model(p) for p in model_paths]
+    try:
+        arch, _ = check_architectures(sources, force=False)
+        modules = lora_modules(sources[0].specs(), arch)
+        _validate(sources, modules)
+        m_count = len(sources)
+        itemsize = torch.empty(0, dtype=out_dtype).element_size()
+        cost_per_rank = sum((mod.out_features + mod.in_features) * itemsize for mod in modules)
+        # a LoRA file's header: three tensors per module (up, down, alpha) and the metadata
+        per_lora = sum(3 * (len(mod.name) + 100) + itemsize for mod in modules) + HEADER_SLACK + 1024 + 128 * m_count
+        budget = parse_size(cfg.budget) if cfg.budget is not None else None
+        max_total = AUTO_WIDTH - 32
+        if budget is not None:
+            max_total = min(max_total, int((budget - per_lora) // cost_per_rank))
+            if max_total < 1:
+                raise MergeError(f"budget {budget:,} bytes is less than one rank-1 LoRA "
+                                 f"({cost_per_rank + per_lora:,} bytes)")
+        width = min(AUTO_WIDTH, max_total + 32)
+        largest = max(mod.out_features * mod.in_features for mod in modules)
+        workers = workers_for(largest * m_count, cfg.threads, len(modules))
+        small = largest * m_count < SMALL_UNIT
+
+        def sketch(mod):
+            rows = []
+            for src in sources:
+                t = src.load(mod.key)
+                if mod.row_start is not None:
+                    t = t[mod.row_start:mod.row_stop]
+                rows.append(t.to(device=device, dtype=torch.float32).reshape(mod.out_features, -1))
+                src.release(mod.key)
+            mean = sum(rows) / m_count
+            generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
+            return D.sketch_layer([r - mean for r in rows], width, generator)
+
+        gram = torch.zeros(m_count, m_count, dtype=torch.float64)
+        total = 0.0
+        cores = []
+        with thread_policy(cfg.threads, device, workers=workers, small=small):
+            for sk in map_ordered(sketch, modules, workers):
+                gram += sk.gram
+                total += float(sk.delta_sq.sum())
+                cores.append(sk.cores)
+        with thread_policy(cfg.threads, device, workers=1, small=True):
+            energy, eigvals = D.component_spectra(cores, gram)
+        energy = energy[:m_count - 1]
+        step = 4 if budget is None or max_total >= 4 else 1
+        ranks, estimate = D.allocate_ranks(energy, total, cost_per_rank, budget,
+                                           None if cfg.target is None else float(cfg.target), step, max_total,
+                                           per_lora)
     finally:
         for s in sources:
             s.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return HyperResult(final["hyper"], [final[f"lora{k}"] for k in range(len(ranks))],
-                       final["multipliers"], final["report"], lam_rows, report, rounds)
-
-
-def _move_into_place(src: Path, dst: Path) -> None:
-    """Rename; across file systems, copy to a hidden name beside `dst` first so `dst` is never partial."""
-    try:
-        os.replace(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        part = dst.with_name(f".{dst.name}.part")
-        try:
-            shutil.copyfile(src, part)
-            os.replace(part, dst)
-        finally:
-            part.unlink(missing_ok=True)
+    if not ranks:
+        raise MergeError("ranks auto: the models do not differ in the LoRA layers")
+    info = {"mode": "budget" if budget is not None else "target", "ranks": ranks, "loras": len(ranks),
+            "directions_spanned": int(energy.shape[0]), "estimated_mean_error": estimate,
+            "bytes_per_rank": cost_per_rank}
+    if budget is not None:
+        info["budget_bytes"] = budget
+    else:
+        info["target"] = float(cfg.target)
+        if estimate > float(cfg.target):
+            info["warning"] = (f"target {cfg.target} not reachable with a total rank of {max_total} "
+                               f"(estimated {estimate:.4f})")
+    return ranks, info
 
 
 def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
+    """Sketch pass (the only pass over the files after the hyper checkpoint), then rounds on the cores."""
     m_count, k_count = len(sources), len(ranks)
     covered_keys = {mod.key for mod in modules}
-    # Pass 0: Gram matrix of the differences over the covered layers (for the PCA start), and the
-    # energy left in everything the LoRAs do not cover (for the "all weights" error).
+    width = D.sketch_width(sum(ranks))
+    largest = max(mod.out_features * mod.in_features for mod in modules)
+    workers = workers_for(largest * m_count, cfg.threads, len(modules))
+    small = largest * m_count < SMALL_UNIT   # small layers: one thread in all, no OpenMP team per op
+    total_rank = sum(ranks)
+
+    # Bases are kept for the final factors: float32, or float16 when that would not fit comfortably.
+    basis_bytes = sum(((mod.out_features if mod.out_features > width else 0) +
+                       (mod.in_features if mod.in_features > width else 0)) * width * 4 for mod in modules)
+    store = torch.float32 if basis_bytes < 1.5 * 2**30 else torch.float16
+
+    def sketch(i):  # runs on the policy's workers (set once below)
+        mod = modules[i]
+        deltas = layer_deltas(sources, hyper, mod, device)
+        generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
+        sk = D.sketch_layer(deltas, width, generator)
+        floor = None
+        if cfg.floor:
+            floor = torch.zeros(m_count, dtype=torch.float64)
+            for m, delta in enumerate(deltas):
+                s = torch.linalg.svdvals(delta)
+                floor[m] = float((s[min(total_rank, *delta.shape):].double() ** 2).sum())
+        del deltas
+        sk.q = None if sk.q is None else sk.q.to("cpu", store)
+        sk.p = None if sk.p is None else sk.p.to("cpu", store)
+        return sk, floor
+
+    # Pass 1: per layer the sketch, |dW|^2, the Gram matrix (for the PCA start) and the SVD floor.
     gram = torch.zeros(m_count, m_count, dtype=torch.float64)
-    for mod in modules:
-        gram += methods.gram_matrix(layer_deltas(sources, hyper, mod, device))
-        ticker(mod.name)
+    floor_sq = torch.zeros(m_count, dtype=torch.float64) if cfg.floor else None
+    bases, cores, delta_sq = [], [], []
+    # worker threads take torch's setting when they start: set it once, around the pool
+    with thread_policy(cfg.threads, device, workers=workers, small=small):
+        for mod, (sk, floor) in zip(modules, map_ordered(sketch, range(len(modules)), workers)):
+            gram += sk.gram
+            bases.append((sk.q, sk.p))
+            cores.append(sk.cores)
+            delta_sq.append(sk.delta_sq)
+            if floor is not None:
+                floor_sq += floor
+            ticker(mod.name)
+    # Energy left in everything the LoRAs do not cover (for the "all weights" error).
     uncovered_sq = torch.zeros(m_count, dtype=torch.float64)
-    for key, spec in sources[0].specs().items():
-        if key in covered_keys or not spec.is_float:
-            continue
-        h = hyper.load(key).to(device=device, dtype=torch.float32)
-        deltas = [s.load(key).to(device=device, dtype=torch.float32) - h for s in sources]
-        for src in list(sources) + [hyper]:
-            src.release(key)
-        uncovered_sq += torch.tensor([float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2) for d in deltas])
+    with thread_policy(cfg.threads, device, workers=1, small=True):  # norms, biases: small tensors
+        for key, spec in sources[0].specs().items():
+            if key in covered_keys or not spec.is_float:
+                continue
+            h = hyper.load(key).to(device=device, dtype=torch.float32)
+            deltas = [s.load(key).to(device=device, dtype=torch.float32) - h for s in sources]
+            for src in list(sources) + [hyper]:
+                src.release(key)
+            uncovered_sq += torch.tensor([float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
+                                          for d in deltas])
     lam, eigvals = D.pca_lambdas(gram, k_count)
 
-    # Factors are kept between rounds; in float16 when float32 would not fit comfortably.
-    factor_bytes = sum((mod.out_features + mod.in_features) * sum(ranks) * 4 for mod in modules)
-    store = torch.float32 if factor_bytes < 1.5 * 2**30 else torch.float16
-    factors: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = [None] * len(modules)
-    rounds, previous_loss, fits = [], None, []
+    # Rounds on the cores, batched by shape.
+    layer_ranks = [[min(r, mod.out_features, mod.in_features) for r in ranks] for mod in modules]
+    groups = D.group_cores(cores, layer_ranks)
+    del cores
+    n_total = torch.stack(delta_sq).sum(dim=0)
+    # Three starts, each refined by the same rounds: the principal components (all LoRAs at once), greedy
+    # (LoRA after LoRA, strengths from each residual's principal component, least squares) and the
+    # reference tool's own way (greedy from strengths of one, per-layer-mean strength step, 0.1 % stop).
+    # Taken: the lowest objective among the results that leave no model worse off than the reference's.
+    # The cores are small (a few hundred squared): one intra-op thread per op (a team costs more than it
+    # gains on small LAPACK calls, and stalls when another process holds a core).
+    candidates = {}
+    numel = [torch.tensor([float(modules[i].out_features * modules[i].in_features) for i in g.index],
+                          dtype=torch.float64) for g in groups]
+    with thread_policy(cfg.threads, device, workers=1, small=True):
+        starts = ["pca", "greedy", "reference"] if cfg.start == "all" else [cfg.start]
+        for start in starts:
+            for group in groups:
+                group.factors = None
+            if start == "greedy":
+                start_lam = D.greedy_start(groups, k_count)
+            elif start == "reference":
+                start_lam = D.greedy_start(groups, k_count, rounds=max(cfg.iterations, 3),
+                                           layer_weights=[1.0 / n for n in numel], ones=True)
+            else:
+                start_lam = lam
+            candidates[start] = _rounds(cfg, groups, start_lam, delta_sq, n_total, ticker, start)
+    # the lowest objective among the results that leave no model worse off than the reference's way
+    anchor = candidates.get("reference", candidates[starts[-1]])
+    best = anchor
+    for cand in candidates.values():
+        if bool((cand["rel"] <= anchor["rel"] * (1 + 1e-6) + 1e-12).all()) and cand["objective"] < best["objective"]:
+            best = cand
+    rounds = best["rounds"]
+    for name, cand in candidates.items():
+        rounds[-1].setdefault("starts", {})[name] = cand["rel"].tolist()
+    rounds[-1]["start"] = best["start"]
+    lam, group_factors, fits = best["lam"], best["factors"], best["fits"]
+    factors: list = [None] * len(modules)
+    for group, gf in zip(groups, group_factors):
+        for t, i in enumerate(group.index):
+            q, p = bases[i]
+            layer = []
+            for u, v in gf:
+                u_t, v_t = u[t].cpu(), v[t].cpu()
+                layer.append((u_t if q is None else q.float() @ u_t, v_t if p is None else p.float() @ v_t))
+            factors[i] = layer
+    return rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq
+
+
+def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
+    """Rounds on the cores from one start (lam, and the groups' factors if set). A round is kept only if it
+    lowers the objective (mean_m e_m^power)^(1/power) and leaves no model worse off than after the first
+    round; otherwise the state goes back and the models it left worse off weigh more. Returns the best state."""
+    m_count, k_count = n_total.shape[0], lam.shape[0]
+    weights = D.irls_weights(torch.ones(m_count), n_total, 1.0)
+    best, step, rejected, history = None, 0.5, 0, []
+    duals = torch.ones(m_count, dtype=torch.float64)
+    core_total = sum(g.core_sq.sum(dim=0) for g in groups)
     for round_index in range(cfg.iterations):
-        fits = []
-        total = D.LayerFit(torch.zeros(k_count, k_count, dtype=torch.float64),
-                           torch.zeros(m_count, k_count, dtype=torch.float64),
-                           torch.zeros(m_count, dtype=torch.float64))
-        for i, mod in enumerate(modules):
-            deltas = layer_deltas(sources, hyper, mod, device)
-            layer_ranks = [min(r, mod.out_features, mod.in_features) for r in ranks]
-            generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
-            previous = None if factors[i] is None else [(u.to(device), v.to(device)) for u, v in factors[i]]
-            new, fit = D.fit_layer(deltas, lam, layer_ranks, previous, generator,
-                                   power_iters=2 if previous is None else 1)
-            factors[i] = [(u.to("cpu", store), v.to("cpu", store)) for u, v in new]
-            fits.append(fit)
-            total.gram_dd += fit.gram_dd
-            total.cross += fit.cross
-            total.delta_sq += fit.delta_sq
-            ticker(mod.name)
-        lam = D.solve_lambdas(total.gram_dd, total.cross)
+        total_dd = torch.zeros(k_count, k_count, dtype=torch.float64)
+        total_cross = torch.zeros(m_count, k_count, dtype=torch.float64)
+        fits: list = [None] * len(delta_sq)
+        for group in groups:
+            gram_dd, cross = D.fit_cores(group, lam, weights)
+            for t, i in enumerate(group.index):
+                fits[i] = D.LayerFit(gram_dd[t], cross[t], delta_sq[i], group.core_sq[t])
+            total_dd += gram_dd.sum(dim=0)
+            total_cross += cross.sum(dim=0)
+        lam = D.solve_lambdas(total_dd, total_cross)
         lam, scale = D.normalize_components(lam)
         scale64 = scale.double()
-        for i in range(len(modules)):  # D_k *= scale_k keeps lam_k * D_k unchanged
-            factors[i] = [(u * float(scale[k]), v) for k, (u, v) in enumerate(factors[i])]
-            fits[i].gram_dd = fits[i].gram_dd * torch.outer(scale64, scale64)
-            fits[i].cross = fits[i].cross * scale64[None, :]
-        total.gram_dd *= torch.outer(scale64, scale64)
-        total.cross *= scale64[None, :]
-        loss = D.squared_error(total.gram_dd, total.cross, total.delta_sq, lam)
-        rel = (loss / total.delta_sq.clamp_min(1e-300)).tolist()
-        rounds.append({"round": round_index + 1, "relative_error": rel, "mean_relative_error": sum(rel) / len(rel)})
-        current = float(loss.sum())
-        if previous_loss is not None and previous_loss > 0 and (previous_loss - current) / previous_loss < cfg.tol:
-            break
-        previous_loss = current
-    return rounds, lam, factors, fits, uncovered_sq, eigvals
-
-
-def _svd_floor(sources, hyper, modules, total_rank, device, ticker) -> torch.Tensor:
-    """Each model's own best rank-sum(r_k) approximation per layer: what no decomposition can beat."""
-    floor = torch.zeros(len(sources), dtype=torch.float64)
-    for mod in modules:
-        for m, delta in enumerate(layer_deltas(sources, hyper, mod, device)):
-            r = min(total_rank, *delta.shape)
-            s = torch.linalg.svdvals(delta)
-            floor[m] += float((s[r:].double() ** 2).sum())
-        ticker(mod.name)
-    return floor
+        for group in groups:  # X_k *= scale_k keeps lam_k * X_k unchanged
+            group.factors = [(u * float(scale[k]), v) for k, (u, v) in enumerate(group.factors)]
+        for fit in fits:
+            fit.gram_dd = fit.gram_dd * torch.outer(scale64, scale64)
+            fit.cross = fit.cross * scale64[None, :]
+        total_dd *= torch.outer(scale64, scale64)
+        total_cross *= scale64[None, :]
+        loss = D.squared_error(total_dd, total_cross, n_total, lam, core_total)
+        rel = loss / n_total.clamp_min(1e-300)
+        objective = float(rel.pow(cfg.power).mean() ** (1.0 / cfg.power))
+        guard = rel if best is None else best["guard"]
+        worse = rel > guard * (1 + 1e-6) + 1e-12
+        accepted = best is None or (objective < best["objective"] and not bool(worse.any()))
+        ticker(f"round {round_index + 1} ({start} start)")
+        if accepted:
+            gain = 1.0 if best is None else (best["objective"] - objective) / max(best["objective"], 1e-300)
+            history.append({"round": round_index + 1, "relative_error": rel.tolist(),
+                            "mean_relative_error": float(rel.mean()), "objective": objective})
+            best = {"objective": objective, "lam": lam.clone(), "weights": weights, "rel": rel, "guard": guard,
+                    "factors": [list(g.factors) for g in groups], "fits": fits, "start": start}
+            if round_index > 0 and gain < cfg.tol:
+                break
+        else:  # back to the best state; the models it left worse off weigh more, the step is smaller
+            rejected += 1
+            lam = best["lam"].clone()
+            for group, f in zip(groups, best["factors"]):
+                group.factors = list(f)
+            duals = torch.where(worse, duals * 2 * (rel / guard).clamp_max(4.0) ** 4, duals)
+            step /= 2
+            if step < 0.03:
+                break
+        # damped IRLS step: geometric interpolation toward the weights of the best state's errors
+        target = D.irls_weights(best["rel"], n_total, cfg.power) * duals
+        weights = best["weights"] ** (1 - step) * target ** step
+        weights = weights / weights.mean()
+    history[-1]["rejected_rounds"] = rejected
+    best["rounds"] = history
+    return best
 
 
 def _write_loras(tmp, names, lora_names, modules, factors, ranks, lam_rows, out_dtype, cfg, arch):
@@ -286,7 +533,7 @@ def _report(cfg, stems, modules, ranks, lam, fits, uncovered_sq, floor_sq, eigva
     blocks = sorted({mod.block for mod in modules})
     for m, s in enumerate(stems):
         covered_sq = sum(float(f.delta_sq[m]) for f in fits)
-        err = float(sum(D.squared_error(f.gram_dd, f.cross, f.delta_sq, lam)[m] for f in fits))
+        err = float(sum(D.fit_error(f, lam)[m] for f in fits))
         row = {"model": s, "lambdas": [float(lam[k, m]) for k in range(len(ranks))],
                "relative_error_covered": err / covered_sq if covered_sq else 0.0,
                "relative_error_all_weights": (err + float(uncovered_sq[m])) / (covered_sq + float(uncovered_sq[m]))
@@ -299,7 +546,7 @@ def _report(cfg, stems, modules, ranks, lam, fits, uncovered_sq, floor_sq, eigva
         for block in blocks:
             idx = [i for i, mod in enumerate(modules) if mod.block == block]
             b_sq = sum(float(fits[i].delta_sq[m]) for i in idx)
-            b_err = sum(float(D.squared_error(fits[i].gram_dd, fits[i].cross, fits[i].delta_sq, lam)[m]) for i in idx)
+            b_err = sum(float(D.fit_error(fits[i], lam)[m]) for i in idx)
             row["per_block"][block] = b_err / b_sq if b_sq else 0.0
         per_model.append(row)
     total_sq = sum(float(f.delta_sq.sum()) for f in fits)
@@ -338,4 +585,14 @@ def format_report(report: dict) -> str:
                  f"after {report['iterations_run']} rounds; outputs {b['outputs'] / 2**30:.2f} GiB for "
                  f"{b['inputs'] / 2**30:.2f} GiB of inputs ({b['ratio']:.2f}x)")
     lines.append("energy captured per LoRA: " + ", ".join(f"{e:.3f}" for e in report["lora_energy_share"]))
+    auto = report.get("auto_ranks")
+    if auto:
+        goal = (f"budget {auto['budget_bytes'] / 1e6:.0f} MB" if auto["mode"] == "budget"
+                else f"target mean error {auto['target']}")
+        lines.append(f"ranks auto ({goal}): {auto['loras']} LoRAs, ranks {auto['ranks']} "
+                     f"(the models span {auto['directions_spanned']} directions), estimated mean error "
+                     f"{auto['estimated_mean_error']:.4f}, LoRA files {auto['lora_bytes'] / 1e6:.1f} MB"
+                     + ("" if auto["met"] else " - NOT met") + (f"; {auto['warning']}" if "warning" in auto else ""))
+    if report.get("note"):
+        lines.append("note: " + report["note"])
     return "\n".join(lines)

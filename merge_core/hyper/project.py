@@ -10,6 +10,7 @@ from ..io.sources import open_model
 from ..lora.format import read_lora, strength_tag
 from ..lora.keys import layer_deltas, lora_modules
 from ..plan import check_architectures
+from ..threads import SMALL_UNIT, map_ordered, thread_policy, workers_for
 from . import decompose as D
 from .pipeline import stem
 
@@ -31,7 +32,7 @@ def find_hyper_set(prefix) -> tuple[Path, list[Path]]:
 
 
 @torch.no_grad()
-def project_model(prefix, model, device: str = "cpu") -> dict:
+def project_model(prefix, model, device: str = "cpu", threads: int | None = None) -> dict:
     hyper_path, lora_paths = find_hyper_set(prefix)
     loras = [read_lora(p)[0] for p in lora_paths]
     dev = torch.device(device)
@@ -46,15 +47,25 @@ def project_model(prefix, model, device: str = "cpu") -> dict:
         for module in modules:
             if module.key not in src:
                 raise MergeError(f"{src.name}: has no {module.key!r}")
+        largest = max(m.out_features * m.in_features for m in modules)
+        workers = workers_for(largest, threads, len(modules))
+        small = largest < SMALL_UNIT
+
+        def fit(module):
             (delta,) = layer_deltas([src], hyper, module, dev)
             factors = []
             for lora in loras:
                 up, down, scale = lora[module.name]
                 factors.append(((up * scale).to(dev), down.T.to(dev)))   # D = up @ down * scale
-            fit = D.layer_accumulators([delta], factors)
-            total.gram_dd += fit.gram_dd
-            total.cross += fit.cross
-            total.delta_sq += fit.delta_sq
+            return D.layer_accumulators([delta], factors)
+
+        # the policy is set once here (worker threads take torch's setting when they start); layers are
+        # summed in order, so the result does not depend on the number of threads
+        with thread_policy(threads, dev, workers=workers, small=small):
+            for layer_fit in map_ordered(fit, modules, workers):
+                total.gram_dd += layer_fit.gram_dd
+                total.cross += layer_fit.cross
+                total.delta_sq += layer_fit.delta_sq
     lam = D.solve_lambdas(total.gram_dd, total.cross)                    # [K, 1]
     err = D.squared_error(total.gram_dd, total.cross, total.delta_sq, lam)
     names = [p.stem for p in lora_paths]
