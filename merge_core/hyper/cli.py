@@ -27,7 +27,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_hyper)
     p = sub.add_parser("hyper-project", help="fit LoRA strengths for a model outside the hyper set")
-    p.add_argument("--hyper", required=True, help="DIR/NAME of a hyper set (NAME_hyper.safetensors + LoRAs)")
+    p.add_argument("--hyper", required=True, help="the hyper set: DIR/NAME, or its hyper checkpoint DIR/NAME_hyper.safetensors")
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_project)

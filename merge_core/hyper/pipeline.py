@@ -20,7 +20,8 @@ import torch
 from ..engine import merge, resolve_device
 from ..errors import MergeCancelled, MergeError
 from ..inputs import plain_name
-from ..io.atomic import Target, deferred_signals, lock_exclusive, remove_quietly, sweep_stale, temp_name
+from ..io.atomic import (Target, check_writable_folder, deferred_signals, lock_exclusive, make_parents,
+                         remove_created, remove_quietly, sweep_stale, temp_name)
 from ..io.safetensors_file import check_output_path
 from ..io.sources import ModelSource, open_model
 from ..lora.format import balanced_factors, factors_to_lora_tensors, save_lora, strength_tag
@@ -106,8 +107,17 @@ def run_hyper(cfg: HyperConfig) -> HyperResult:
     """The whole hyper-merge under the library's thread policy: one torch intra-op thread throughout (the
     per-layer linear algebra is small; the sketch pass runs layers on `threads` workers, the hyper checkpoint
     is the engine's own split), torch's previous setting restored afterwards."""
-    with thread_policy(cfg.threads, "cpu", workers=1, small=True):
-        return _run_hyper(cfg)
+    out_dir = Path(cfg.out_dir)
+    created = []
+    if not out_dir.exists():  # `--out-dir out/` makes the folder, as users expect; a failed run takes it back
+        check_writable_folder(out_dir / "x")
+        created = make_parents(out_dir / "x")
+    try:
+        with thread_policy(cfg.threads, "cpu", workers=1, small=True):
+            return _run_hyper(cfg)
+    except BaseException:
+        remove_created(created)
+        raise
 
 
 @torch.no_grad()
@@ -386,6 +396,8 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         for key, spec in sources[0].specs().items():
             if key in covered_keys or not spec.is_float:
                 continue
+            if key not in hyper or any(key not in s or s.spec(key).shape != hyper.spec(key).shape for s in sources):
+                continue  # in some models only (copied into the hyper checkpoint as it is): no error to measure
             h = hyper.load(key).to(device=device, dtype=torch.float32)
             deltas = [s.load(key).to(device=device, dtype=torch.float32) - h for s in sources]
             for src in list(sources) + [hyper]:

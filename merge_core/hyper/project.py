@@ -16,8 +16,11 @@ from .pipeline import stem
 
 
 def find_hyper_set(prefix) -> tuple[Path, list[Path]]:
-    """DIR/NAME -> (DIR/NAME_hyper.safetensors, [DIR/NAME_0-64.safetensors, ...] in index order)."""
+    """DIR/NAME (or the hyper checkpoint's own path, DIR/NAME_hyper.safetensors) -> (DIR/NAME_hyper.safetensors,
+    [DIR/NAME_0-64.safetensors, ...] in index order)."""
     prefix = Path(prefix)
+    if prefix.name.endswith("_hyper.safetensors"):
+        prefix = prefix.with_name(prefix.name[:-len("_hyper.safetensors")])
     hyper = prefix.parent / f"{prefix.name}_hyper.safetensors"
     if not hyper.is_file():
         raise MergeError(f"{hyper}: hyper checkpoint not found (give --hyper DIR/NAME)")

@@ -276,3 +276,42 @@ def test_cli_ranks_take_spaces_commas_and_auto():
     with pytest.raises(MergeError):
         parse_ranks(["64", "x"])
     assert parse_size("500MB") == 500_000_000 and parse_size("1.5GiB") == int(1.5 * 2**30)
+
+
+def test_keys_that_only_some_models_have_do_not_stop_a_hyper_merge(tmp_path):
+    """A training leftover in one model only (model_ema.decay) is copied into the hyper checkpoint; the
+    hyper-merge runs and reconstructs the shared weights."""
+    from merge_core.demo import small_sd15_state_dicts
+    from merge_core.io import open_model, save_safetensors
+    paths = []
+    for i, sd in enumerate(small_sd15_state_dicts(2, dtype=torch.float32)):
+        if i == 0:
+            sd["model_ema.decay"] = torch.tensor(0.9999)
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_safetensors(paths[-1], sd)
+    result = run_hyper(HyperConfig(models=paths, name="partial", out_dir=tmp_path, ranks=[2], iterations=1))
+    with open_model(result.hyper_path) as hyper:
+        assert float(hyper.load("model_ema.decay")) == pytest.approx(0.9999, rel=1e-3)
+    assert all(r["relative_error_covered"] < 1.0 for r in result.report["per_model"])
+
+
+def test_a_missing_out_dir_is_created_and_taken_back_on_failure(tmp_path):
+    from merge_core.demo import write_demo_models
+    paths = write_demo_models(tmp_path / "in")
+    out = tmp_path / "new" / "sets"
+    run_hyper(HyperConfig(models=paths, name="made", out_dir=out, ranks=[2], iterations=1))
+    assert (out / "made_hyper.safetensors").is_file()
+    failed = tmp_path / "other" / "sets"
+    with pytest.raises(MergeError):
+        run_hyper(HyperConfig(models=paths, name="bad", out_dir=failed, ranks=[2], iterations=1,
+                              progress=lambda *a: False))
+    assert not (tmp_path / "other").exists()
+
+
+def test_hyper_project_takes_the_set_prefix_or_the_hyper_checkpoints_path(tmp_path):
+    from merge_core.demo import write_demo_models
+    paths = write_demo_models(tmp_path / "in")
+    result = run_hyper(HyperConfig(models=paths, name="proj", out_dir=tmp_path, ranks=[2], iterations=1))
+    by_prefix = project_model(tmp_path / "proj", paths[1])
+    by_path = project_model(result.hyper_path, paths[1])
+    assert by_prefix["lambdas"] == by_path["lambdas"]
