@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .arch import display_name
 from .errors import MergeError
+from .inputs import read_data_file
 
 DATA_DIR = Path(__file__).parent / "data" / "architectures"
 SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
@@ -622,22 +623,7 @@ def preset(arch: Architecture | str, name: str, strength: float = 1.0) -> BlockV
 def load_block_file(path) -> dict | list | str:
     """Read a YAML or JSON block file: one spec (mapping, list or text) or per-model specs (a mapping)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BlockSpecError(f"block file {p}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BlockSpecError(f"block file {p}: cannot read it ({exc})") from None
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BlockSpecError(f"block file {p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} "
-                             f"({first})") from None
+    data = read_data_file(p, "block file", BlockSpecError)
     if data is None or data == {} or data == [] or (isinstance(data, str) and not data.strip()):
         raise BlockSpecError(f"block file {p}: empty")
     if not isinstance(data, (dict, list, str)):

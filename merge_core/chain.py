@@ -38,6 +38,7 @@ import torch
 
 from . import keyparams, registry
 from .errors import MergeError
+from .inputs import read_data_file
 from .io.hashing import file_sha256
 from .io.sources import ModelSource, open_model
 from .io.spec import TensorSpec
@@ -92,22 +93,7 @@ def _where(source: str) -> str:
 def _load_text(path: Path) -> dict:
     if path.suffix.lower() == ".safetensors":
         return embedded_recipe(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MergeError(f"recipe {path}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeError(f"recipe {path}: cannot read it ({exc})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MergeError(f"recipe {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                         f"({first})") from None
+    data = read_data_file(path, "recipe")
     if not isinstance(data, Mapping):
         raise MergeError(f"recipe {path}: expected a mapping with inputs and steps, got {type(data).__name__}")
     return dict(data)

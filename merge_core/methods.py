@@ -117,6 +117,16 @@ def saturation_limit(dtype: torch.dtype) -> float | None:
     return float(torch.finfo(dtype).max) if dtype in FP8_DTYPES else None
 
 
+def saturate_(chunk: Tensor, limit: float | None) -> int:
+    """Clamp a chunk (in the math dtype) to an fp8 output's range in place; returns how many values were
+    beyond it (0 and untouched when `limit` is None)."""
+    if limit is None:
+        return 0
+    beyond = int((chunk.abs() > limit).sum())
+    chunk.clamp_(-limit, limit)
+    return beyond
+
+
 def cast_saturating(tensor: Tensor, dtype: torch.dtype, saturated: list | None = None) -> Tensor:
     """`tensor.to(dtype)`, except that values beyond an fp8 dtype's range are clamped to it (and counted)."""
     limit = saturation_limit(dtype)
@@ -159,9 +169,7 @@ def linear_combination(tensors: Sequence[Tensor], coeffs: Sequence[float],
         acc *= float(coeffs[0])
         for flat, coeff in zip(flats[1:], coeffs[1:]):
             acc.add_(_as_math(flat[start:stop], compute_dtype), alpha=float(coeff))
-        if limit is not None:
-            clamped += int((acc.abs() > limit).sum())
-            acc.clamp_(-limit, limit)
+        clamped += saturate_(acc, limit)
         flat_out[start:stop] = acc
     if saturated is not None and clamped:
         saturated.append(clamped)

@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .methods import CPU_CHUNK, GPU_CHUNK, _as_math, _flat, gram_matrix, linear_combination, saturation_limit
+from .methods import (CPU_CHUNK, GPU_CHUNK, _as_math, _flat, gram_matrix, linear_combination, saturate_,
+                      saturation_limit)
 
 Tensor = torch.Tensor
 
@@ -378,9 +379,7 @@ def sparse_task_merge(tensors: Sequence[Tensor], base: Tensor, *, lam: float = 1
         else:
             merged = total.div_(n)
         acc = merged.mul_(lam * scale).add_(row_buf[3, :length])  # the base chunk, already in compute dtype
-        if limit is not None:
-            clamped += int((acc.abs() > limit).sum())
-            acc.clamp_(-limit, limit)
+        clamped += saturate_(acc, limit)
         flat_out[start:stop] = acc
     if saturated is not None and clamped:
         saturated.append(clamped)
