@@ -19,6 +19,7 @@ import torch
 
 from ..engine import merge, resolve_device
 from ..errors import MergeCancelled, MergeError
+from ..blocks import architecture
 from ..inputs import plain_name
 from ..io.atomic import (Target, check_writable_folder, deferred_signals, lock_exclusive, make_parents,
                          remove_created, remove_quietly, sweep_stale, temp_name)
@@ -154,6 +155,13 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
         ranks, auto_info = _auto_ranks(cfg, [Path(p) for p in cfg.models], device, out_dtype)
     else:
         ranks = D.assign_ranks(cfg.ranks)
+        span = len(cfg.models) - 1
+        if len(ranks) > span:
+            shown_ranks = " ".join(str(r) for r in ranks[:span])
+            raise MergeError(f"{len(ranks)} LoRAs for {len(cfg.models)} models: {len(cfg.models)} models span at "
+                             f"most {span} direction{'s' if span != 1 else ''} around their average, so at most "
+                             f"{span} LoRA{'s' if span != 1 else ''} make sense (e.g. ranks {shown_ranks}); more "
+                             f"would only repeat them and make the set larger")
     names = output_names(cfg.name, ranks)
     final = {key: (lora_dir if key.startswith("lora") else out_dir) / fname for key, fname in names.items()}
     for path in final.values():
@@ -200,10 +208,6 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
             auto_info["met"] = (auto_info["lora_bytes"] <= auto_info["budget_bytes"] if "budget_bytes" in auto_info
                                 else report["mean_relative_error_covered"] <= auto_info["target"])
             report["auto_ranks"] = auto_info
-        if len(ranks) > len(stems) - 1:
-            report["note"] = (f"{len(ranks)} LoRAs for {len(stems)} models: the models span at most "
-                              f"{len(stems) - 1} directions around their average; the LoRAs beyond that add rank "
-                              f"to the largest directions (ranks auto never does this)")
         multipliers = "".join(f"{s}: " + " ".join(strength_tag(n, lam_rows[s][k]) for k, n in enumerate(lora_names))
                               + "\n" for s in stems)
         (tmp / names["multipliers"]).write_text(multipliers)
@@ -491,7 +495,7 @@ def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
         guard = rel if best is None else best["guard"]
         worse = rel > guard * (1 + 1e-6) + 1e-12
         accepted = best is None or (objective < best["objective"] and not bool(worse.any()))
-        ticker(f"round {round_index + 1} ({start} start)")
+        ticker(f"round {round_index + 1}/{cfg.iterations} ({start} start)")
         if accepted:
             gain = 1.0 if best is None else (best["objective"] - objective) / max(best["objective"], 1e-300)
             history.append({"round": round_index + 1, "relative_error": rel.tolist(),
@@ -528,7 +532,7 @@ def _write_loras(tmp, names, lora_names, modules, factors, ranks, lam_rows, out_
             tensors.update(factors_to_lora_tensors(mod, up, down, out_dtype))
         metadata = {
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-            "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[arch],
+            "ss_base_model_version": architecture(arch).ss_base_model_version[0],  # from the architecture data
             "manifold_hyper_name": cfg.name, "manifold_hyper_index": str(k),
             "manifold_hyper_lambdas": json.dumps({s: row[k] for s, row in lam_rows.items()}),
         }
