@@ -21,8 +21,8 @@ else:
     NODE_CLASS_MAPPINGS = {}
     NODE_DISPLAY_NAME_MAPPINGS = {}
 
-# The front-end extension (javascript/manifold_merge.js: per-method widgets, model sockets added as they are
+# The front-end extension (javascript/comfyui/manifold_merge.js: per-method widgets, model sockets added as they are
 # connected, the hyper LoRA loader's source models); plain files, served by ComfyUI.
-WEB_DIRECTORY = "./javascript"
+WEB_DIRECTORY = "./javascript/comfyui"  # its own folder: A1111 loads javascript/*.js as classic scripts
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -158,7 +158,7 @@ def test_slerp_example_has_no_base_and_the_task_vector_example_has_one():
 
 
 def test_the_front_end_reads_which_widget_belongs_to_which_method_from_the_node_definition(nodes):
-    """javascript/manifold_merge.js lists no method: the method pickers carry {method: [widgets]}, optional model
+    """javascript/comfyui/manifold_merge.js lists no method: the method pickers carry {method: [widgets]}, optional model
     sockets {"grow": true} and per-model widgets the socket they follow."""
     registry = _pack("merge_core.registry")
     merge_nodes = _pack("nodes.merge_nodes")
@@ -186,11 +186,11 @@ def test_the_front_end_reads_which_widget_belongs_to_which_method_from_the_node_
     slerp = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeSlerpModel"].INPUT_TYPES()
     assert not any(isinstance(v[-1], dict) and "manifold" in v[-1]
                    for v in {**slerp["required"], **slerp["optional"]}.values())
-    js = (ROOT / "javascript" / "manifold_merge.js").read_text()
+    js = (ROOT / "javascript" / "comfyui" / "manifold_merge.js").read_text()
     for method in registry.method_names():
         assert f'"{method}"' not in js and f"'{method}'" not in js, method
     pack = _load_pack("mm_pack_web")
-    assert pack.WEB_DIRECTORY == "./javascript" and (ROOT / pack.WEB_DIRECTORY / "manifold_merge.js").is_file()
+    assert pack.WEB_DIRECTORY == "./javascript/comfyui" and (ROOT / pack.WEB_DIRECTORY / "manifold_merge.js").is_file()
     assert merge_nodes.FRONT_END == "manifold"
 
 
@@ -532,3 +532,15 @@ def test_cli_flags_in_core_messages_become_input_names(nodes):
                                   "only the keys they share.", methods).endswith("Connect models of one architecture.")
     assert "--" not in merge_nodes.node_words("x.safetensors: output already exists (use --overwrite to replace it)",
                                               methods)
+
+
+def test_the_webuis_javascript_folder_holds_only_classic_scripts():
+    """A1111/Forge load every javascript/*.js of an extension as a classic <script>: an ES module there (the
+    ComfyUI front end) would be a SyntaxError on every page load, so that one lives in javascript/comfyui/."""
+    import re
+    top = sorted((ROOT / "javascript").glob("*.js"))
+    assert top, "the tab's hints file is missing"
+    for path in top:
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|export)\s", text, re.M), path.name
+    assert (ROOT / "javascript" / "comfyui" / "manifold_merge.js").is_file()
