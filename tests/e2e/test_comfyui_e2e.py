@@ -5,14 +5,14 @@ that runs it (torch + torchvision + ComfyUI's requirements). See docs/comfyui.md
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from comfy_server import get_json, post_json, serve  # tests/e2e is on sys.path under pytest
 import torch
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -23,23 +23,6 @@ NODES = ["ManifoldMergeKarcherModel", "ManifoldMergeKarcherClip", "ManifoldMerge
          "ManifoldMergeHyperMerge", "ManifoldMergeHyperLoraLoader", "ManifoldMergeExtractLora",
          "ManifoldMergeBlockWeights", "ManifoldMergeWeightedSumModel", "ManifoldMergeAddDifferenceClip",
          "ManifoldMergeEMAModel", "ManifoldMergeWMAClip"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 @pytest.fixture(scope="module")
@@ -55,36 +38,17 @@ def comfy(tmp_path_factory):
     assert "RESULT ok" in proc.stdout, proc.stderr[-3000:]
     (base / "paths.yaml").write_text(f"e2e:\n  base_path: {base}\n  checkpoints: checkpoints\n  loras: loras\n"
                                      f"  custom_nodes: custom_nodes\n")
-    port = _free_port()
-    log = open(base / "comfyui.log", "w")
-    server = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                               "--output-directory", str(base / "output"), "--disable-auto-launch",
-                               "--disable-api-nodes", "--extra-model-paths-config", str(base / "paths.yaml")],
-                              cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError((base / "comfyui.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with serve(base, ()) as url:
         yield url, base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def _run(url, base, graph, timeout=600, expect="success"):
-    res = _post(url + "/prompt", {"prompt": graph, "client_id": "e2e"})
+    res = post_json(url + "/prompt", {"prompt": graph, "client_id": "e2e"})
     assert not res.get("node_errors"), res
     pid = res["prompt_id"]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        hist = _get(f"{url}/history/{pid}")
+        hist = get_json(f"{url}/history/{pid}")
         if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
             status = hist[pid]["status"]
             assert status.get("status_str") == expect, json.dumps(status)[-3000:] + \
@@ -122,7 +86,7 @@ def _compare_unet(saved, ours, stored_as=torch.float32):
 
 def test_every_node_is_registered(comfy):
     url, _ = comfy
-    info = _get(url + "/object_info")
+    info = get_json(url + "/object_info")
     missing = [n for n in NODES if n not in info]
     assert not missing, missing
     assert info["ManifoldMergeKarcherModel"]["category"] == "Manifold Merge"

@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from comfy_server import get_json, post_json, serve  # tests/e2e is on sys.path under pytest
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 if not COMFYUI_DIR:
@@ -50,27 +48,6 @@ HYPER = {"mix_0-4": {"model_a": 0.5, "model_b": -0.5}, "mix_1-2": {"model_a": 0.
          "other_0-8": {"x": 1.0, "y": 2.0}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            body = r.read()
-    except urllib.error.HTTPError as err:  # 400: the validation errors
-        body = err.read()
-    return json.loads(body) if body else {}
-
-
 def _write_lora(path: Path, lambdas: dict):
     """A one-tensor safetensors file carrying a hyper set's metadata (what the loader's drop-down reads)."""
     header = json.dumps({"__metadata__": {"manifold_hyper_lambdas": json.dumps(lambdas)},
@@ -80,7 +57,6 @@ def _write_lora(path: Path, lambdas: dict):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     base = tmp_path_factory.mktemp("comfy_fe")
     for sub in ("checkpoints", "loras", "custom_nodes", "output", "user/default"):
         (base / sub).mkdir(parents=True)
@@ -92,28 +68,8 @@ def server(tmp_path_factory):
     os.symlink(ROOT, base / "custom_nodes" / "manifold_merge")
     (base / "paths.yaml").write_text(f"e2e:\n  base_path: {base}\n  checkpoints: checkpoints\n  loras: loras\n"
                                      f"  custom_nodes: custom_nodes\n")
-    port = _free_port()
-    log = open(base / "comfyui.log", "w")
-    proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--output-directory", str(base / "output"), "--user-directory", str(base / "user"),
-                             "--disable-auto-launch", "--disable-api-nodes",
-                             "--extra-model-paths-config", str(base / "paths.yaml")],
-                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((base / "comfyui.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with serve(base, ("--user-directory", str(base / "user"))) as url:
         yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +119,7 @@ def _eval(page, body: str, arg=None):
 
 def _method_widgets(server, node_type):
     url, _ = server
-    spec = _get(f"{url}/object_info/{node_type}")[node_type]["input"]["required"]["method"]
+    spec = get_json(f"{url}/object_info/{node_type}")[node_type]["input"]["required"]["method"]
     return spec[1]["manifold"]["method_widgets"]
 
 
@@ -304,7 +260,7 @@ def test_a_workflow_saved_with_every_socket_loads_with_its_links(page):
 
 def test_hyper_lora_loader_source_model_lists_the_chosen_sets_models(server, page):
     url, _ = server
-    spec = _get(f"{url}/object_info/ManifoldMergeHyperLoraLoader")["ManifoldMergeHyperLoraLoader"]["input"]
+    spec = get_json(f"{url}/object_info/ManifoldMergeHyperLoraLoader")["ManifoldMergeHyperLoraLoader"]["input"]
     assert spec["required"]["hyper_set"][0] == ["mix", "other"]
     assert spec["required"]["source_model"][0][1:] == ["mix / model_a", "mix / model_b", "other / x", "other / y"]
     r = _eval(page, """
@@ -335,8 +291,8 @@ def test_hyper_lora_loader_source_model_lists_the_chosen_sets_models(server, pag
                        "inputs": {"model": ["L", 0], "clip": ["L", 1], "hyper_set": "mix", "source_model": value,
                                   "manual_strengths": ""}},
                  "S": {"class_type": "ModelSave", "inputs": {"model": ["R", 0], "filename_prefix": "fe/never"}}}
-        _post(url + "/interrupt", {})
-        res = _post(url + "/prompt", {"prompt": graph, "client_id": "fe"})  # (the empty checkpoint then fails)
+        post_json(url + "/interrupt", {})
+        res = post_json(url + "/prompt", {"prompt": graph, "client_id": "fe"})  # (the empty checkpoint then fails)
         assert "prompt_id" in res and not res.get("node_errors"), res
 
 
