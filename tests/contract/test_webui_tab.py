@@ -575,7 +575,7 @@ def test_standalone_host_refuses_merge_and_load_and_lists_the_folder(tmp_path, d
 def test_cancel_reaches_a_running_job_over_http(webui):
     """Cancel is a queue-free event, so it gets through while the (queued) job runs."""
     with _served(webui) as client:
-        job = client.submit(_titles(webui), "16 16 16 16", 20, "slow", "fp16", api_name="/manifold_merge_hyper")
+        job = client.submit(_titles(webui), "32 32", 200, "slow", "fp16", api_name="/manifold_merge_hyper")
         deadline = time.time() + 60
         while not any(c[0] == "state.begin" for c in webui.calls) and time.time() < deadline:
             time.sleep(0.05)
