@@ -356,7 +356,8 @@ def build_tab(service: MergeService) -> gr.Blocks:
             """A moved slider rewrites its row as the full list, in the usual order (round trip)."""
             if not arch:
                 return gr.update()
-            count = len(service.block_layout(list(chosen or []))["blocks"]) if chosen else 0
+            from merge_core.blocks import architecture
+            count = len(architecture(arch).blocks)  # the sliders' layout, from the state: no header read again
             line = ",".join(f"{float(v):g}" for v in values[:count])
             index = row_index(m, row)
             if index is None:

@@ -172,11 +172,7 @@ class Sink:
         (self._tmp_dir / MANIFEST).write_text(json.dumps({"tool": "manifold-merge", "files": written}))
         if self._target.identity is not None:  # the same rule again, now: nothing foreign was added meanwhile
             check_folder_output(self.output, self._inputs, True)
-        try:
-            self._target.place(self._tmp_dir)
-        except OSError as exc:
-            raise MergeError(f"{self.output}: moving the finished output into place failed "
-                             f"({describe_os_error(exc)})") from None
+        self._target.place(self._tmp_dir)
         self._tmp_dir = None
         self._close_dir()
 

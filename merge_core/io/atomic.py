@@ -340,8 +340,16 @@ class Target:
         return OutputExists(f"{self.path}: {what} while this merge ran; nothing was replaced and the merge "
                             f"result was discarded")
 
-    def place(self, tmp: Path) -> None:
-        """Move the finished `tmp` to the output path under the rule captured at the start."""
+    def place(self, tmp: Path, display: Path | None = None) -> None:
+        """Move the finished `tmp` to the output path under the rule captured at the start. Any failure is a
+        MergeError naming `display` (the user's output; default the target path)."""
+        try:
+            self._place(tmp)
+        except OSError as exc:
+            raise MergeError(f"{display or self.path}: moving the finished output into place failed "
+                             f"({describe_os_error(exc)})") from None
+
+    def _place(self, tmp: Path) -> None:
         if self.identity is None:
             try:
                 rename_noreplace(tmp, self.path)

@@ -28,7 +28,7 @@ import torch
 from ..errors import BadCheckpoint, MergeError, OutputExists
 from .atomic import (Target, check_writable_folder, deferred_signals, describe_os_error, lock_exclusive,
                      remove_quietly, temp_name)
-from .spec import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, TensorSpec
+from .spec import TORCH_TO_SAFETENSORS, TensorSpec
 
 from .header import MAX_HEADER_BYTES, read_header  # 100_000_000: the official library's cap
 HEADER_ALIGN = 8
@@ -351,11 +351,7 @@ class SafetensorsWriter:
         except OSError as exc:
             raise MergeError(f"{self.display}: writing the output failed ({describe_os_error(exc)})") from None
         # The lock (held through the open descriptor) stays until the file has its final name.
-        try:
-            self._target.place(self._tmp)
-        except OSError as exc:
-            raise MergeError(f"{self.display}: moving the finished output into place failed "
-                             f"({describe_os_error(exc)})") from None
+        self._target.place(self._tmp, self.display)
         self._tmp = None
         os.close(self._fd)
         self._fd = None
