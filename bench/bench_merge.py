@@ -117,7 +117,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--mecha-python", default=str(ROOT / ".venv-mecha" / "bin" / "python"))
     ap.add_argument("--skip-sdxl", action="store_true")
-    ap.add_argument("--rows", choices=["all", "new", "blocks"], default="all",
+    ap.add_argument("--rows", choices=["all", "new", "blocks", "gram"], default="all",
                     help="new: only sma and the issue-5 methods (model stock, geometric median, TIES, DARE, "
                          "DARE-TIES) against sd-mecha's same methods")
     ap.add_argument("--out", default=str(ROOT / "_bench_data" / "bench_merge.json"))
@@ -129,8 +129,9 @@ def main() -> int:
     warm(sd15)
     rows = []
 
-    def row(name, python, mode, margs, baseline=None):
-        r = best_of(args.repeat, python, mode, dict(margs, output=out, threads=args.threads, device=args.device))
+    def row(name, python, mode, margs, baseline=None, once=False):
+        r = best_of(1 if once else args.repeat, python, mode,
+                    dict(margs, output=out, threads=args.threads, device=args.device))
         r["name"] = name
         rows.append(r)
         print(f"{name:34s} {r['seconds']:7.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
@@ -140,6 +141,8 @@ def main() -> int:
         return new_method_rows(args, py, sd15, row, rows, out)
     if args.rows == "blocks":
         return block_rows(args, py, sd15, row, rows)
+    if args.rows == "gram":
+        return gram_rows(args, py, sd15, row, rows)
     floor = row("I/O floor (read 3 + write 1)", py, "floor", {"inputs": sd15, "size": size})
     floor2 = row("I/O floor (read 2 + write 1)", py, "floor", {"inputs": sd15[:2], "size": size})
     ours = {}
@@ -255,6 +258,37 @@ def block_rows(args, py, sd15, row, rows) -> int:
     Path(args.out).with_name("bench_merge_blocks.json").write_text(json.dumps(
         {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
          "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return 0
+
+
+# The Gram-path methods (one Gram pass + one linear pass, reading the inputs twice) against sma (one pass).
+# Model stock takes file 0 as its base, so every row reads the same 3 files.
+GRAM_ROWS = (("sma", {}), ("model-stock", {"base": 0}), ("geometric-median", {}), ("karcher", {}))
+
+
+def gram_rows(args, py, sd15, row, rows) -> int:
+    """sma, model stock, geometric median and karcher interleaved (each round runs all four, so all see the
+    same machine); the best of `--repeat` each, and each as a ratio to the best sma."""
+    runs: dict[str, list[dict]] = {m: [] for m, _ in GRAM_ROWS}
+    for _ in range(args.repeat):
+        for method, spec in GRAM_ROWS:
+            inputs, kw = (sd15[1:], {"base": sd15[0]}) if "base" in spec else (sd15, {})
+            runs[method].append(row(f"merge_core {method}", py, "ours",
+                                    {"inputs": inputs, "method": method, "kw": kw}, once=True))
+    best = {m: min(r, key=lambda x: x["seconds"]) for m, r in runs.items()}
+    lines = [f"| method | wall s (best of {args.repeat}) | × sma | peak RSS MB | all runs s |",
+             "|---|---:|---:|---:|---|"]
+    for method, _ in GRAM_ROWS:
+        b = best[method]
+        lines.append(f"| {method} | {b['seconds']:.2f} | {b['seconds'] / best['sma']['seconds']:.2f} | "
+                     f"{max(r['peak_rss_mb'] for r in runs[method]):.0f} | "
+                     f"{', '.join('%.2f' % r['seconds'] for r in runs[method])} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    Path(args.out).with_name("bench_merge_gram.json").write_text(json.dumps(
+        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+         "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
     return 0
 
 

@@ -90,25 +90,35 @@ def gram_matrix(tensors: Sequence[Tensor], base: Tensor | None = None,
                 compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """G[i, j] = <x_i - base, x_j - base> over the whole flattened tensors, as float64.
 
-    Each chunk is converted into one reused (N, chunk) buffer, multiplied in
-    `compute_dtype` (one small BLAS call) and accumulated in float64.
+    Each chunk is converted once into one reused (rows, chunk) buffer (the base into a row of its own,
+    subtracted in place: no allocation per chunk), multiplied in `compute_dtype` (one small BLAS call)
+    and accumulated in float64. An input that *is* the base (the geometric median centres on its first
+    model) has a zero row and column, so it is left out of the pass.
     """
     n = len(tensors)
     flats = [_flat(t) for t in tensors]
     flat_base = _flat(base) if base is not None else None
+    rows = [i for i, t in enumerate(tensors) if base is None or t is not base]
     numel = flats[0].numel()
     device = flats[0].device
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    if not rows:
+        return gram.cpu()
     step = min(_chunk_size(flats[0]), max(numel, 1))
-    buffer = torch.empty(n, step, dtype=compute_dtype, device=device)
+    buffer = torch.empty(len(rows) + (flat_base is not None), step, dtype=compute_dtype, device=device)
+    acc = torch.zeros(len(rows), len(rows), dtype=torch.float64, device=device)
     for start in range(0, numel, step):
         stop = min(start + step, numel)
-        block = buffer[:, :stop - start]
-        for row, flat in zip(block, flats):
-            row.copy_(flat[start:stop])
+        block = buffer[:len(rows), :stop - start]
+        for row, i in zip(block, rows):
+            row.copy_(flats[i][start:stop])
         if flat_base is not None:
-            block -= flat_base[start:stop].to(compute_dtype)
-        gram += torch.mm(block, block.T).to(torch.float64)
+            base_row = buffer[len(rows), :stop - start]
+            base_row.copy_(flat_base[start:stop])
+            block -= base_row
+        acc += torch.mm(block, block.T).to(torch.float64)
+    index = torch.tensor(rows, device=device)
+    gram[index.unsqueeze(1), index.unsqueeze(0)] = acc
     return gram.cpu()
 
 
