@@ -196,6 +196,46 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, m: float, **kw) -> Tensor:
     return linear_combination([a, b, c], [1.0, m, -m], **kw)
 
 
+TRAIN_DIFFERENCE_GAIN = 1.8  # supermerger's constant: the scale equals 1/2 where B sits halfway between A and C
+
+
+def train_difference(a: Tensor, b: Tensor, c: Tensor, m: float, out_dtype: torch.dtype | None = None,
+                     compute_dtype: torch.dtype = torch.float32, out: Tensor | None = None,
+                     saturated: list | None = None) -> Tensor:
+    """supermerger's "train difference": A + M * 1.8 * |B - A| / (|B - A| + |B - C|) * (B - C), element-wise
+    (0 where B = A = C). B - C is applied where B moved away from A, scaled down where A already has it.
+
+    Chunk by chunk in `compute_dtype` with reused buffers, straight into `out`; an fp8 output is
+    saturated like linear_combination's."""
+    if out is None:
+        out = torch.empty(a.shape, dtype=out_dtype or compute_dtype, device=a.device)
+    flat_out, fa, fb, fc = _flat(out), _flat(a), _flat(b), _flat(c)
+    numel = flat_out.numel()
+    step = min(_chunk_size(a), max(numel, 1))
+    work = torch.empty(4, step, dtype=compute_dtype, device=a.device)
+    zero = torch.zeros((), dtype=compute_dtype, device=a.device)
+    limit = saturation_limit(flat_out.dtype)
+    clamped = 0
+    gain = TRAIN_DIFFERENCE_GAIN * float(m)
+    for start in range(0, numel, step):
+        stop = min(start + step, numel)
+        acc, diff, near, total = (row[:stop - start] for row in work)
+        acc.copy_(fa[start:stop])
+        diff.copy_(fb[start:stop])
+        torch.sub(diff, acc, out=near)          # B - A
+        near.abs_()
+        diff.sub_(_as_math(fc[start:stop], compute_dtype))  # B - C
+        torch.add(near, diff.abs(), out=total)
+        torch.div(near, total, out=near)
+        torch.where(total > 0, near, zero, out=near)
+        acc.addcmul_(near, diff, value=gain)
+        clamped += saturate_(acc, limit)
+        flat_out[start:stop] = acc
+    if saturated is not None and clamped:
+        saturated.append(clamped)
+    return out
+
+
 # ---------------------------------------------------------------- SLERP
 
 def slerp_coefficients(gram: Tensor, t: float, dot_threshold: float = DEFAULT_DOT_THRESHOLD,

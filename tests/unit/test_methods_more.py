@@ -288,7 +288,7 @@ def test_nan_in_an_input_is_named_for_the_sparse_methods(family, tmp_path):
 MECHA_SCRIPT = r"""
 import sys, torch
 from safetensors.torch import load_file, save_file
-from sd_mecha.extensions.builtin.merge_methods import ties
+from sd_mecha.extensions.builtin.merge_methods import linear, ties
 inp = load_file(sys.argv[1])
 base = inp["base"]; xs = [inp[f"x{i}"] for i in range(int(inp["n"].item()))]
 deltas = [x - base for x in xs]
@@ -298,6 +298,9 @@ out = {
                                                                    apply_stock=True, seed=1),
     "model_stock": base + ties.model_stock.__wrapped__(*deltas[:2], cos_eps=1e-6),
     "gm": ties.geometric_median.__wrapped__(*xs, eps=1e-6, maxiter=100, ftol=1e-20),
+    # sd-mecha's train difference: add_difference(a, b - c, alpha=train_difference_mask(a, b, c, alpha))
+    "train_difference": xs[0] + (xs[1] - xs[2]) * linear.train_difference_mask.__wrapped__(xs[0], xs[1], xs[2],
+                                                                                            alpha=0.7),
 }
 save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
 """
@@ -323,3 +326,45 @@ def test_against_sd_mecha(tmp_path, dtype):
     gm = S.geometric_median(xs, compute_dtype=dtype)
     # sd-mecha iterates on full fp32 tensors; its own rounding is ~1e-5 there (ours: 4e-8 of the exact)
     assert _rel(gm, ref["gm"]) < (1e-5 if dtype == torch.float32 else 1e-9)
+    td = M.train_difference(xs[0], xs[1], xs[2], 0.7, compute_dtype=dtype)
+    assert _rel(td, ref["train_difference"]) < (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+# ---------------------------------------------------------------- train difference (supermerger's trainDifference)
+
+def test_train_difference_through_files_equals_the_closed_form(family, tmp_path):
+    sds, paths = family
+    out = tmp_path / "td.safetensors"
+    merge(paths[:3], "train-difference", params={"multiplier": 0.6}, output=out, dtype="fp32")
+    merged, meta = _load(out)
+    assert json.loads(meta["manifold_merge_recipe"])["parameters"]["multiplier"] == 0.6
+    checked = 0
+    for key, value in merged.items():
+        a, b, c = (sd[key] for sd in sds[:3])
+        if not a.is_floating_point():
+            assert torch.equal(value, a)  # integer tensors are copied
+            continue
+        a, b, c = a.double(), b.double(), c.double()
+        near, diff = (b - a).abs(), b - c
+        expected = a + 0.6 * 1.8 * torch.where(near + diff.abs() > 0, near / (near + diff.abs()), 0.0) * diff
+        assert torch.allclose(value.double(), expected, rtol=1e-5, atol=1e-6), key
+        checked += 1
+    assert checked > 1000
+
+
+def test_train_difference_cases_with_known_answers():
+    a = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.0])
+    b = torch.tensor([1.0, 3.0, 1.0, 2.0, 4.0])   # b = a: nothing moved, nothing added
+    c = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])   # c = a: the full difference (scale 1/2 * 1.8 = 0.9)
+    out = M.train_difference(a, b, c, 1.0)
+    # [0] all equal: 0/0 -> a; [1] |b-a| = 2, |b-c| = 2: a + 1.8 * 0.5 * 2; [2] b = a: a; [3] b = a: a;
+    # [4] c = a: |b-a| = |b-c| = 4: a + 1.8 * 0.5 * 4
+    assert torch.allclose(out, torch.tensor([1.0, 2.8, 1.0, 2.0, 3.6]))
+    assert torch.equal(M.train_difference(a, b, c, 0.0), a)
+
+
+def test_train_difference_takes_exactly_three_models(family, tmp_path):
+    _, paths = family
+    with pytest.raises(MergeError, match="train-difference takes 3 models, got 2"):
+        merge(paths[:2], "train-difference", output=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -181,11 +181,15 @@ def _expected_per_key(arch_name, method, sds, key, per_block, spec_values, other
         return (1 - value) * xs[0] + value * xs[1]
     if method == "add-difference":
         return xs[0] + value * (xs[1] - xs[2])
+    if method == "train-difference":
+        near, diff = (xs[1] - xs[0]).abs(), xs[1] - xs[2]
+        return xs[0] + value * 1.8 * torch.nan_to_num(near / (near + diff.abs()), nan=0.0) * diff
     raise AssertionError(method)
 
 
 @pytest.mark.parametrize("fixture", ["sd15", "sdxl"])
-@pytest.mark.parametrize("method", ["karcher", "slerp", "ema", "wma", "weighted", "add-difference"])
+@pytest.mark.parametrize("method", ["karcher", "slerp", "ema", "wma", "weighted", "add-difference",
+                                    "train-difference"])
 def test_block_weighted_merge_equals_the_per_block_reference(request, tmp_path, fixture, method):
     arch_name, sds, paths = request.getfixturevalue(fixture)
     arch = architecture(arch_name)
