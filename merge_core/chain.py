@@ -511,16 +511,11 @@ def run_recipe(recipe, progress=None, *, output=_UNSET, overwrite: bool = False,
 def _run_chain(recipe: Recipe, steps: list[BoundStep], progress, output_path: Path | None, overwrite: bool,
                threads: int, dev: torch.device, out_dev: torch.device, hash_inputs: bool, max_shard_bytes: int,
                ignore_hashes: bool, started: float, MergeResult):
-    from .engine import _check_output_not_input, _execute, _hash_sources
+    from .engine import _execute, _hash_sources
     from .io.atomic import sweep_stale
-    from .io.safetensors_file import check_output_path
     from .recipe import build_chain_metadata
-    from .sinks import Sink, check_folder_output
-    if output_path is not None:
-        if output_path.suffix and output_path.suffix.lower() != ".safetensors":
-            raise MergeError(f"{output_path}: output must be .safetensors (or a folder name for sharded output)")
-        if output_path.suffix.lower() == ".safetensors":
-            check_output_path(output_path, overwrite)
+    from .sinks import Sink, check_output_against_inputs, check_output_name
+    check_output_name(output_path, overwrite)
     files: dict[str, ModelSource] = {}
     saturated: dict[str, int] = {}
     stale = []
@@ -554,10 +549,7 @@ def _run_chain(recipe: Recipe, steps: list[BoundStep], progress, output_path: Pa
         step, plan, sources, base, kv = final
         warnings = check_hashes(recipe, ignore_hashes)  # after every plan: a wrong recipe fails without a read
         input_paths = [Path(s.path) for s in files.values() if s.path is not None]
-        if output_path is not None:
-            _check_output_not_input(output_path, list(files.values()))
-            if output_path.suffix.lower() != ".safetensors":
-                check_folder_output(output_path, input_paths, overwrite)
+        check_output_against_inputs(output_path, list(files.values()), overwrite)
         canonical = [_canonical_step(s, key_values[s.spec.name]) for s in steps]
         hashes: dict[str, str | None] = {}
         hash_files = hash_inputs and output_path is not None

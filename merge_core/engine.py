@@ -28,11 +28,10 @@ from .lora.format import describe_lora
 from .errors import BadCheckpoint, DeviceUnavailable, MergeCancelled, MergeError, NonFiniteOutput, OutputExists
 from .io.hashing import file_sha256
 from .io.atomic import make_parents, remove_created, sweep_stale
-from .io.safetensors_file import check_output_path
 from .io.sources import ModelSource, open_model
 from .plan import OUTPUT_DTYPES, KeyTask, MergePlan, build_plan
 from .recipe import build_metadata
-from .sinks import Sink, check_folder_output
+from .sinks import Sink, check_output_against_inputs, check_output_name
 
 ProgressCallback = Callable[[int, int, str], "bool | None"]
 
@@ -73,20 +72,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def _check_output_not_input(output: Path, sources: Sequence[ModelSource]) -> None:
-    for src in sources:
-        if src.path is None:
-            continue
-        paths = [Path(src.path)]
-        if Path(src.path).is_dir():
-            paths += list(Path(src.path).iterdir())
-        for p in paths:
-            if output.exists() and p.exists() and os.path.samefile(output, p):
-                raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
-            if output.resolve() == p.resolve():
-                raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
 
 
 def _first_nonfinite_input(task: KeyTask, models: Sequence[ModelSource], base: ModelSource | None) -> str | None:
@@ -317,11 +302,7 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
     dev = resolve_device(device)
     out_dev = resolve_device(output_device)
     output_path = Path(output) if output is not None else None
-    if output_path is not None:
-        if output_path.suffix and output_path.suffix.lower() != ".safetensors":
-            raise MergeError(f"{output_path}: output must be .safetensors (or a folder name for sharded output)")
-        if output_path.suffix.lower() == ".safetensors":
-            check_output_path(output_path, overwrite)
+    check_output_name(output_path, overwrite)
 
     sources: list[ModelSource] = []
     base_source = None
@@ -337,10 +318,7 @@ def merge(models: Sequence, method: str, *, output=None, weights: Sequence[float
             base_source = open_model(base, "base" if isinstance(base, Mapping) else None)
         all_sources = sources + ([base_source] if base_source else [])
         input_paths = [Path(s.path) for s in all_sources if s.path is not None]
-        if output_path is not None:
-            _check_output_not_input(output_path, all_sources)
-            if output_path.suffix.lower() != ".safetensors":
-                check_folder_output(output_path, input_paths, overwrite)
+        check_output_against_inputs(output_path, all_sources, overwrite)
         refuse_loras(all_sources)
         plan = build_plan(sources, base_source, dtype=dtype, strict=strict, force=force)
         vae_source = open_model(vae) if vae is not None else None

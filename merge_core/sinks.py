@@ -16,7 +16,7 @@ import torch
 from .errors import MergeCancelled, MergeError, OutputExists
 from .io.atomic import (Target, check_writable_folder, deferred_signals, describe_os_error, is_within,
                         lock_exclusive, remove_quietly, temp_name)
-from .io.safetensors_file import SafetensorsWriter
+from .io.safetensors_file import SafetensorsWriter, check_output_path
 from .io.spec import TensorSpec
 
 
@@ -33,6 +33,36 @@ def _foreign_entries(folder: Path) -> list[str]:
     if listed is None:
         return names or ["(no record that Manifold Merge wrote it)"]
     return [n for n in names if n not in listed or (folder / n).is_dir()]
+
+
+def check_output_name(output: Path | None, overwrite: bool) -> None:
+    """Before any input is opened: a merge writes one .safetensors file, or a folder (no other suffix); an
+    existing file is refused unless `overwrite`."""
+    if output is None:
+        return
+    if output.suffix and output.suffix.lower() != ".safetensors":
+        raise MergeError(f"{output}: output must be .safetensors (or a folder name for sharded output)")
+    if output.suffix.lower() == ".safetensors":
+        check_output_path(output, overwrite)
+
+
+def check_output_against_inputs(output: Path | None, sources, overwrite: bool) -> None:
+    """Once the inputs are open, before planning: the output is none of them (nor a file in an input folder),
+    and a folder output holds none of them. Sink re-checks the folder when it captures it (the authoritative
+    check, made when the output is taken); this one makes a wrong output fail before anything is read."""
+    if output is None:
+        return
+    for src in sources:
+        if src.path is None:
+            continue
+        paths = [Path(src.path)]
+        if Path(src.path).is_dir():
+            paths += list(Path(src.path).iterdir())
+        for p in paths:
+            if (output.exists() and p.exists() and os.path.samefile(output, p)) or output.resolve() == p.resolve():
+                raise OutputExists(f"{output}: refusing to overwrite an input model ({src.name})")
+    if output.suffix.lower() != ".safetensors":
+        check_folder_output(output, [Path(s.path) for s in sources if s.path is not None], overwrite)
 
 
 def check_folder_output(output: Path, inputs: list[Path], overwrite: bool) -> Target:
