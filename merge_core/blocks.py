@@ -3,7 +3,9 @@
 The architectures are data: `merge_core/data/architectures/<name>.json` lists each model's
 blocks in order, the finer names (TE, TE1, TE2, T5, VAE) that may override BASE, the key
 prefixes every host uses (checkpoint, ComfyUI MODEL, ComfyUI CLIP, kohya LoRA, bare UNet)
-and, per region, ordered regexes that map a key to its block. See docs/blocks.md.
+and, per region, ordered regexes that map a key to its block. See docs/blocks.md. The same files
+(read by merge_core.arch) drive the detection (`detect`), plan.py's partial-merge rules (`partial`) and
+the renames between hosts (merge_core.naming: the components' prefixes and `checkpoint_layout`).
 
 Every key has a *chain* of block names, finest first, ending in a list-form block:
 SD1 `cond_stage_model.transformer...` -> ("TE", "BASE"); `...input_blocks.3.1...` -> ("IN03",).
@@ -12,18 +14,16 @@ A spec's value for a key is the value of the first name in that chain the spec s
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from .arch import display_name
+from .arch import architecture_data, detect_architecture, detect_from_names, display_name
 from .errors import MergeError
 from .inputs import read_data_file
 
-DATA_DIR = Path(__file__).parent / "data" / "architectures"
 SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
 KINDS = ("auto", "checkpoint", "comfy_model", "comfy_clip", "lora", "diffusers", "unet")
 _NAME_ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd1.x": "sd1", "sd2.x": "sd2", "sd21": "sd2", "sd3.5": "sd3",
@@ -281,7 +281,7 @@ class Architecture:
 
 @lru_cache(maxsize=None)
 def _load(name: str) -> Architecture:
-    return Architecture(json.loads((DATA_DIR / f"{name}.json").read_text(encoding="utf-8")))
+    return Architecture(architecture_data()[name])
 
 
 def architecture(name: str) -> Architecture:
@@ -296,37 +296,17 @@ def architecture(name: str) -> Architecture:
     return _load(key)
 
 
-def architecture_for_keys(keys) -> str:
+def architecture_for_keys(keys, data_dir=None) -> str:
     """Detect the architecture from key names (and shapes, when `keys` maps key -> shape/spec).
 
-    Also reads ComfyUI MODEL/CLIP keys and kohya LoRA names. Returns one of SUPPORTED or 'unknown'.
-    SD1 and SD2 share the block map; without shapes a bare UNet reads as 'sd1'."""
-    from .arch import detect_architecture
-
+    Also reads ComfyUI MODEL/CLIP keys and kohya LoRA names (arch.detect_from_names: the data's detect
+    markers and its hosts' text-encoder prefixes). Returns one of SUPPORTED, a language-model family or
+    'unknown'. SD1 and SD2 share the block map; without shapes a bare UNet reads as 'sd1'."""
     specs = keys if isinstance(keys, Mapping) else {k: () for k in keys}
-    arch = detect_architecture(specs)
+    arch = detect_architecture(specs, data_dir)
     if arch != "unknown":
         return arch
-    names = [str(k) for k in specs]
-    heads = {k.split(".", 1)[0] for k in names}
-
-    def has(*parts: str) -> bool:
-        return any(p in k for k in names for p in parts)
-
-    if has("double_blocks", "single_blocks"):
-        return "flux"
-    if has("joint_blocks"):
-        return "sd3"
-    if "t5xxl" in heads:
-        return "sd3" if "clip_g" in heads else "flux"
-    if "clip_g" in heads or has("label_emb", "add_embedding") or \
-            any(k.startswith(("lora_te1_", "lora_te2_")) for k in names):
-        return "sdxl"
-    if "clip_h" in heads:
-        return "sd2"
-    if "clip_l" in heads or has("input_blocks", "down_blocks", "lora_te_"):
-        return "sd1"
-    return "unknown"
+    return detect_from_names(specs, data_dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from . import lm
-from .arch import detect_architecture, display_name
+from .arch import detect_architecture, display_name, partial_rules
 from .errors import ArchitectureMismatch, MissingKeys, ShapeMismatch
 from .io.sources import ModelSource
 from .io.spec import TensorSpec
@@ -29,12 +29,13 @@ class PartialRule:
     what: str
 
 
-# Inpainting / instruct-pix2pix conv_in has 9 / 8 input channels instead of 4; SD text encoders with
-# added tokens have more embedding rows (each encoder on its own: SDXL has two vocabularies); language
-# models' vocabulary-sized tensors (lm.VOCAB_RULES: embeddings, lm_head, their biases) form one group.
+# The diffusion architectures' rules are data (the "partial" list of data/architectures/*.json: inpainting /
+# instruct-pix2pix conv_in with 9 / 8 input channels instead of 4; text encoders with added tokens, each
+# encoder on its own, as SDXL has two vocabularies); language models' vocabulary-sized tensors
+# (lm.VOCAB_RULES: embeddings, lm_head, their biases) form one group.
 PARTIAL_MERGE_RULES: tuple[PartialRule, ...] = (
-    PartialRule(1, re.compile(r"(^|\.)input_blocks\.0\.0\.weight$"), None, "inpainting conv_in"),
-    PartialRule(0, re.compile(r"(^|\.)token_embedding\.weight$"), None, "text-encoder token embedding"),
+    *(PartialRule(dim, re.compile(r"(^|\.)" + re.escape(key) + "$"), group, what)
+      for key, dim, group, what in partial_rules()),
     *(PartialRule(dim, pattern, "vocab", "vocabulary") for dim, pattern in lm.VOCAB_RULES),
 )
 

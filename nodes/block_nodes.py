@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..merge_core.arch import detect_architecture, display_name
+from ..merge_core.arch import detect_from_names, display_name
 from ..merge_core.blocks import (PRESETS, SUPPORTED, BlockSpecError, BlockValues, architecture,
                                  architecture_for_keys, parse_block_values, parse_override, preset)
 from ..merge_core.errors import MergeError
@@ -133,17 +133,13 @@ def parse(arch_name: str, preset_name: str, text: str, overrides_text: str = "")
 
 
 def detected_architecture(specs) -> str:
-    """merge_core's architecture for {key: shape}; a ComfyUI CLIP (whose HF-style layer names merge_core may
-    read as a language model) by its prefixes (clip_l., clip_g., clip_h., t5xxl.) alone."""
+    """merge_core's architecture for {key: shape}, from the architecture data; a ComfyUI CLIP (whose HF-style
+    layer names merge_core may read as a language model) by its text encoders' heads (clip_l., clip_g., clip_h.,
+    t5xxl.: the data's ComfyUI CLIP prefixes) alone."""
     found = architecture_for_keys(specs)
     if found not in SUPPORTED:
-        found = architecture_for_keys({key.split(".", 1)[0] + ".": () for key in specs})
+        found = detect_from_names(specs)
     return found
-
-
-def needs_hint(specs) -> bool:
-    """True when the engine's own detection does not give a block architecture for these keys (a CLIP)."""
-    return detect_architecture(specs) not in SUPPORTED
 
 
 class ManifoldMergeBlockWeights:

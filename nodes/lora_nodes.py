@@ -158,7 +158,8 @@ class ManifoldMergeHyperLoraLoader:
         return (model, clip)
 
 class ManifoldMergeExtractLora:
-    """MODEL (and CLIP) minus a base -> kohya LoRA in the loras folder (UNet and CLIP-L text encoder)."""
+    """MODEL (and CLIP) minus a base -> kohya LoRA in the loras folder (UNet and text encoders; the ComfyUI
+    keys renamed to checkpoint keys by merge_core.naming, from the architecture data)."""
     CATEGORY = CATEGORY
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("summary",)
@@ -175,15 +176,17 @@ class ManifoldMergeExtractLora:
 
     def run(self, model, base_model, rank, conv_rank, filename, clip=None, base_clip=None):
         from ..merge_core.lora.extract import extract_lora
+        from ..merge_core.naming import rename_state_dict
         from . import bridge
         out = Path(_loras_dir()) / plain_file_name(filename, "filename")
 
         def as_checkpoint(m, c):
-            sd = {"model." + k: v for k, v in bridge.effective_weights(m, "diffusion_model.").items()}
+            unet = bridge.effective_weights(m, "diffusion_model.")
+            arch = self.architecture(unet)
+            sd = rename_state_dict(unet, arch, "comfy_model", "checkpoint")
             if c is not None:
-                for k, v in bridge.effective_weights(c.patcher, None, bridge.SKIP_CLIP_KEYS).items():
-                    if k.startswith("clip_l.transformer."):
-                        sd["cond_stage_model.transformer." + k[len("clip_l.transformer."):]] = v
+                sd.update(rename_state_dict(bridge.effective_weights(c.patcher, None, bridge.SKIP_CLIP_KEYS), arch,
+                                            "comfy_clip", "checkpoint"))
             return sd
 
         info = extract_lora(as_checkpoint(base_model, base_clip), as_checkpoint(model, clip), out, rank,
@@ -191,6 +194,18 @@ class ManifoldMergeExtractLora:
         text = (f"wrote {out.name}: {info['modules']} modules, relative error over them "
                 f"{info['relative_error']:.4f}")
         return {"ui": {"text": [text]}, "result": (text,)}
+
+    @staticmethod
+    def architecture(unet) -> str:
+        """The architecture of a ComfyUI MODEL's UNet/DiT weights ({"diffusion_model.X": tensor}), from the data."""
+        from ..merge_core.arch import display_name
+        from ..merge_core.blocks import SUPPORTED, architecture_for_keys
+        found = architecture_for_keys({k: tuple(v.shape) for k, v in unet.items()})
+        if found not in SUPPORTED:
+            raise MergeError(f"Extract LoRA: cannot tell the model's architecture from its weights (supported: "
+                             f"{', '.join(display_name(a) for a in SUPPORTED)})")
+        return found
+
 
 LORA_NODES = {"ManifoldMergeHyperMerge": ManifoldMergeHyperMerge,
               "ManifoldMergeHyperLoraLoader": ManifoldMergeHyperLoraLoader,

@@ -8,7 +8,6 @@ grouped nodes whose widgets are the union of their methods' parameters; widgets 
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import re
@@ -16,7 +15,7 @@ import re
 from ..merge_core import registry
 from ..merge_core.engine import merge as engine_merge
 from ..merge_core.errors import MergeError
-from .block_nodes import BLOCK_WEIGHTS, needs_hint
+from .block_nodes import BLOCK_WEIGHTS
 from .common import (CATEGORY, MAX_INPUTS, NONE, checkpoint_inputs, checkpoint_paths, merge_state_dicts,
                      parse_numbers, plain_file_name)
 
@@ -28,7 +27,6 @@ CHECKPOINT_WIDGETS = ("weights", "t", "alpha", "multiplier")  # the file merger'
 UNBOUNDED = 1.0e4  # widget range of a side a parameter leaves open
 BLOCK_INPUT = {"block_weights": (BLOCK_WEIGHTS, {"tooltip": "from a Block weights node: the method's block "
                                                             "parameter per block / per key"})}
-ENGINE_TAKES_BLOCK_ARCH = "block_architecture" in inspect.signature(engine_merge).parameters
 # Front-end hints (javascript/manifold_merge.js reads them from the node definition, under this key of an input's
 # options): {"method_widgets": {method: [widget, ...]}} on a method picker (only the chosen method's widgets are
 # shown), {"grow": True} on optional model sockets (added one at a time as they are connected) and
@@ -163,40 +161,17 @@ def _with_weights(target, kind: str, merged: dict):
     return clone
 
 
-# merge_core's detection cannot tell a ComfyUI CLIP's architecture (its keys are clip_l./clip_g./t5xxl.), and
-# engine.merge resolves block weights for the architecture it detects. Until it takes the architecture
-# (`block_architecture=`), one integer tensor (copied, never merged, removed again) names it for the detection.
-_ARCH_HINTS = {"sd1": ("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (1, 768)),
-               "sd2": ("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", (1, 1024)),
-               "sdxl": ("label_emb.0.0.weight", (1,)),
-               "sd3": ("joint_blocks.0.context_block.attn.qkv.weight", (1,)),
-               "flux": ("img_in.weight", (1,))}
-
-
 def merge_objects(objs, kind: str, method, values: dict, base=None, block_weights=None, names=None):
     """Merge ComfyUI MODELs / CLIPs (and a base) with `method`; returns the merged state dict."""
-    import torch
     sds = _weights_of(list(objs) + ([base] if base is not None else []), kind)
     base_sd = sds.pop() if base is not None else None
     names = names or [f"{kind.lower()}{i + 1}" for i in range(len(objs))]
-    kw, hint = {}, None
+    kw = {}
     if block_weights is not None:
         kw = block_weights.engine_args(method, len(sds), kind)
-        specs = {k: tuple(v.shape) for k, v in sds[0].items()}
-        block_weights.check_architecture(specs)
-        if ENGINE_TAKES_BLOCK_ARCH:
-            kw["block_architecture"] = block_weights.arch
-        elif kw["blocks"] is not None and needs_hint(specs):
-            key, shape = _ARCH_HINTS[block_weights.arch]
-            if key not in specs:
-                hint = key
-                marker = torch.zeros(shape, dtype=torch.int8)
-                sds = [{**sd, key: marker} for sd in sds]
-                base_sd = {**base_sd, key: marker} if base_sd is not None else None
-    merged = run_merge([method], merge_state_dicts, sds, method.name, names, params=values, base=base_sd, **kw)
-    if hint is not None:
-        merged.pop(hint, None)
-    return merged
+        block_weights.check_architecture({k: tuple(v.shape) for k, v in sds[0].items()})
+        kw["block_architecture"] = block_weights.arch
+    return run_merge([method], merge_state_dicts, sds, method.name, names, params=values, base=base_sd, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,8 +374,7 @@ class ManifoldMergeCheckpoints:
             from ..merge_core.io import open_model
             with open_model(paths[0]) as first:
                 block_weights.check_architecture(first.specs(), "the checkpoints")
-            if ENGINE_TAKES_BLOCK_ARCH:
-                extra["block_architecture"] = block_weights.arch
+            extra["block_architecture"] = block_weights.arch
         result = run_merge([entry], engine_merge, paths, entry.name, output=output, params=params,
                            device=bridge.torch_device(), progress=bridge.progress_callback(), **extra)
         return load_result(output, result)

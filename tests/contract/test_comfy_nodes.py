@@ -449,6 +449,108 @@ def test_the_checkpoint_merger_passes_block_weights_to_the_file_merge(host, tmp_
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+# --- LoRA extraction: ComfyUI MODEL/CLIP keys renamed to checkpoint keys (merge_core.naming) ----------------
+
+SDXL_UNET = {"diffusion_model.label_emb.0.0.weight": (8, 12),
+             "diffusion_model.input_blocks.4.1.proj_in.weight": (8, 8),
+             "diffusion_model.output_blocks.2.0.in_layers.2.weight": (8, 8, 3, 3)}
+SDXL_CLIP = {"clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (16, 8),
+             "clip_l.transformer.text_model.embeddings.position_ids": (1, 77),
+             **{f"clip_g.transformer.text_model.encoder.layers.0.self_attn.{x}_proj.{p}":
+                (8, 8) if p == "weight" else (8,) for x in "qkv" for p in ("weight", "bias")},
+             "clip_g.transformer.text_model.encoder.layers.0.mlp.fc2.weight": (8, 16),
+             "clip_g.transformer.text_projection.weight": (4, 8)}
+
+
+def _extract(nodes, model, base, clip=None, base_clip=None):
+    node = nodes.NODE_CLASS_MAPPINGS["ManifoldMergeExtractLora"]()
+    return node.run(model, base, 4, 0, "extracted", clip=clip, base_clip=base_clip)
+
+
+def test_extract_lora_renames_an_sdxl_model_and_both_text_encoders_to_checkpoint_keys(host, monkeypatch):
+    import torch
+    nodes, _ = host
+    extract = _pack("merge_core.lora.extract")
+    seen = []
+    monkeypatch.setattr(extract, "extract_lora", lambda base, model, out, *a, **kw: seen.append((base, model)) or
+                        {"modules": 1, "relative_error": 0.0})
+    model, base = _sd(SDXL_UNET, 1), _sd(SDXL_UNET, 2)
+    clip, base_clip = FakeClip(_sd(SDXL_CLIP, 3)), FakeClip(_sd(SDXL_CLIP, 4))
+    _extract(nodes, model, base, clip, base_clip)
+    (b, m), = seen
+    g = "conditioner.embedders.1.model."
+    assert set(m) == set(b) == {"model.diffusion_model.label_emb.0.0.weight",
+                                "model.diffusion_model.input_blocks.4.1.proj_in.weight",
+                                "model.diffusion_model.output_blocks.2.0.in_layers.2.weight",
+                                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+                                "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                                g + "transformer.resblocks.0.attn.in_proj_weight",
+                                g + "transformer.resblocks.0.attn.in_proj_bias",
+                                g + "transformer.resblocks.0.mlp.c_proj.weight", g + "text_projection"}
+    layer = "clip_g.transformer.text_model.encoder.layers.0.self_attn."
+    assert torch.equal(m[g + "transformer.resblocks.0.attn.in_proj_weight"],
+                       torch.cat([clip.patcher[layer + f"{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(m[g + "text_projection"], clip.patcher["clip_g.transformer.text_projection.weight"].t())
+    assert m["model.diffusion_model.label_emb.0.0.weight"] is model["diffusion_model.label_emb.0.0.weight"]
+
+
+FC1 = "transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+T5_WI = "transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+
+
+@pytest.mark.parametrize("unet,clip,expected", [
+    ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 768)}, {"clip_l." + FC1: (16, 8)},
+     {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "cond_stage_model." + FC1}),
+    ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 1024)}, {"clip_h." + FC1: (16, 8)},
+     {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+      "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight"}),
+    ({"joint_blocks.0.context_block.attn.qkv.weight": (24, 8)},
+     {"clip_l." + FC1: (16, 8), "clip_g." + FC1: (16, 8), "t5xxl." + T5_WI: (16, 8)},
+     {"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "text_encoders.clip_l." + FC1,
+      "text_encoders.clip_g." + FC1, "text_encoders.t5xxl." + T5_WI}),
+    ({"double_blocks.0.img_attn.qkv.weight": (24, 8)}, {"clip_l." + FC1: (16, 8), "t5xxl." + T5_WI: (16, 8)},
+     {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "text_encoders.clip_l." + FC1,
+      "text_encoders.t5xxl." + T5_WI}),
+], ids=["sd1", "sd2", "sd3", "flux"])
+def test_extract_lora_renames_every_architectures_model_and_clip(host, monkeypatch, unet, clip, expected):
+    nodes, _ = host
+    extract = _pack("merge_core.lora.extract")
+    seen = []
+    monkeypatch.setattr(extract, "extract_lora", lambda base, model, out, *a, **kw: seen.append(model) or
+                        {"modules": 1, "relative_error": 0.0})
+    model = _sd({"diffusion_model." + k: v for k, v in unet.items()}, 1)
+    _extract(nodes, model, model, FakeClip(_sd(clip, 2)), FakeClip(_sd(clip, 3)))
+    assert set(seen[0]) == expected
+
+
+def test_extract_lora_writes_the_second_text_encoder_of_an_sdxl_clip(host, tmp_path):
+    from safetensors.torch import load_file
+    nodes, _ = host
+    unet = {**SDXL_UNET, "diffusion_model.input_blocks.4.1.proj_out.weight": (8, 8)}
+    model, base = _sd(unet, 1), _sd(unet, 2)
+    clip, base_clip = FakeClip(_sd(SDXL_CLIP, 3)), FakeClip(_sd(SDXL_CLIP, 4))
+    out = _extract(nodes, model, base, clip, base_clip)
+    assert out["result"][0].startswith("wrote extracted.safetensors")
+    names = {k.split(".", 1)[0] for k in load_file(tmp_path / "extracted.safetensors")}
+    te2 = "lora_te2_text_model_encoder_layers_0_"
+    assert {te2 + "self_attn_q_proj", te2 + "self_attn_v_proj", te2 + "mlp_fc2",
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1"} <= names
+    assert any(n.startswith("lora_unet_") for n in names)
+
+
+def test_extract_lora_with_a_clip_of_another_architecture_is_a_one_line_error(host):
+    nodes, _ = host
+    MergeError = _pack("merge_core.errors").MergeError
+    sd1 = {k: v for k, v in UNET.items()}
+    with pytest.raises(MergeError, match=r"^clip_g\..*: no SD1\.x component has this key") as err:
+        _extract(nodes, _sd(sd1, 1), _sd(sd1, 2), FakeClip(_sd(SDXL_CLIP, 3)), FakeClip(_sd(SDXL_CLIP, 4)))
+    assert "\n" not in str(err.value)
+    with pytest.raises(MergeError, match=r"^Extract LoRA: cannot tell the model's architecture from its weights "
+                                         r"\(supported: SD1\.x"):
+        _extract(nodes, {"diffusion_model.foo.weight": _sd({"x": (2, 2)}, 1)["x"]},
+                 {"diffusion_model.foo.weight": _sd({"x": (2, 2)}, 2)["x"]})
+
+
 @pytest.mark.parametrize("arch,preset,text,overrides,message", [
     ("sd1", "none", "", "", "block weights: nothing set"),
     ("sdxl", "none", "IN11:1", "", "block weights: IN11 is not an SDXL block"),
