@@ -122,6 +122,14 @@ def plan_renames(keys: Iterable[str], arch, from_kind: str, to_kind: str = "chec
     return _plan(keys, arch, from_kind, to_kind, unknown)
 
 
+def _unmapped(key: str, unknown: str, out: list, why: str) -> None:
+    """A key with no name in the target naming: an error, left out ("drop") or kept as it is ("keep")."""
+    if unknown == "error":
+        raise MergeError(f"{key}: {why}")
+    if unknown == "keep":
+        out.append(Rename(key, (key,)))
+
+
 def _plan(keys, arch, from_kind: str, to_kind: str, unknown: str, lone: bool = False) -> list[Rename]:
     arch = architecture(arch)
     src, dst = _kind(from_kind), _kind(to_kind)
@@ -134,11 +142,8 @@ def _plan(keys, arch, from_kind: str, to_kind: str, unknown: str, lone: bool = F
     for key in keys:
         hit = next(((p, n, c) for p, n, c in components if key.startswith(p)), None)
         if hit is None or not targets.get(hit[1]):
-            if unknown == "error":
-                raise MergeError(f"{key}: no {arch.display} component has this key under both "
-                                 f"{_KIND_TEXT[src]} and {_KIND_TEXT[dst]} naming")
-            if unknown == "keep":
-                out.append(Rename(key, (key,)))
+            _unmapped(key, unknown, out, f"no {arch.display} component has this key under both "
+                                         f"{_KIND_TEXT[src]} and {_KIND_TEXT[dst]} naming")
             continue
         prefix, name, comp = hit
         rel, to_prefix = key[len(prefix):], targets[name]
@@ -148,11 +153,8 @@ def _plan(keys, arch, from_kind: str, to_kind: str, unknown: str, lone: bool = F
             continue
         converted = _convert(rel, a, b)
         if converted is None:
-            if unknown == "error":
-                raise MergeError(f"{key}: {arch.display} {name} has no {b} name for this key "
-                                 f"(the {_KIND_TEXT[dst]} layout of that text encoder differs)")
-            if unknown == "keep":
-                out.append(Rename(key, (key,)))
+            _unmapped(key, unknown, out, f"{arch.display} {name} has no {b} name for this key "
+                                         f"(the {_KIND_TEXT[dst]} layout of that text encoder differs)")
             continue
         new, op, letter = converted
         if op == "drop":
