@@ -8,7 +8,8 @@ from ..errors import MergeError
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("hyper", help="M checkpoints -> one hyper checkpoint + K LoRAs with per-model strengths")
+    p = sub.add_parser("hyper", help="M checkpoints (SD1.x, SD2.x, SDXL, SD3, Flux) -> one hyper checkpoint + K LoRAs "
+                       "with per-model strengths")
     p.add_argument("--config", help="YAML with the reference keys: name, models, device, dtype, iterations, ranks")
     p.add_argument("--models", nargs="+")
     p.add_argument("--ranks", nargs="+", help="one rank per LoRA (64 64 32 32 or 64,64,32,32), or auto "
@@ -31,7 +32,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_project)
-    p = sub.add_parser("extract-lora", help="LoRA from the difference of two checkpoints")
+    p = sub.add_parser("extract-lora", help="LoRA from the difference of two checkpoints (SD1.x, SD2.x, SDXL, SD3, "
+                       "Flux), in the kohya naming A1111, Forge and ComfyUI load")
     p.add_argument("--base", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--rank", type=int, required=True)

@@ -44,17 +44,35 @@ def save_lora(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     return save_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
+def base_model_metadata(arch: str) -> dict[str, str]:
+    """The kohya metadata that names the model a LoRA is for, from the architecture data
+    (`ss_base_model_version`: sd_v1, sd_v2, sdxl_base_v1-0, sd3, flux1)."""
+    from ..blocks import architecture   # lazily: the block maps are only needed when writing
+    versions = architecture(arch).ss_base_model_version
+    return {"ss_base_model_version": versions[0]} if versions else {}
+
+
+def lora_module_names(src) -> list[str]:
+    """The kohya module names of an open LoRA file (a ModelSource), sorted."""
+    return sorted(k[:-len(".lora_down.weight")] for k in src.keys() if k.endswith(".lora_down.weight"))
+
+
+def lora_factors(src, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module of an open LoRA file: (up [out, r] fp32, down [r, in_flat] fp32, scale alpha/rank)."""
+    down = src.load(f"{name}.lora_down.weight").float()
+    up = src.load(f"{name}.lora_up.weight").float()
+    rank = down.shape[0]
+    alpha = float(src.load(f"{name}.alpha")) if f"{name}.alpha" in src else float(rank)
+    for key in (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"):
+        if key in src:
+            src.release(key)
+    return up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha / rank
+
+
 def read_lora(path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, str]]:
     """{module name: (up [out, r] fp32, down [r, in_flat] fp32, scale alpha/rank)}, metadata."""
     with open_model(path) as src:
-        modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        names = {k[:-len(".lora_down.weight")] for k in src.keys() if k.endswith(".lora_down.weight")}
-        for name in sorted(names):
-            down = src.load(f"{name}.lora_down.weight").float()
-            up = src.load(f"{name}.lora_up.weight").float()
-            rank = down.shape[0]
-            alpha = float(src.load(f"{name}.alpha")) if f"{name}.alpha" in src else float(rank)
-            modules[name] = (up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha / rank)
+        modules = {name: lora_factors(src, name) for name in lora_module_names(src)}
         return modules, dict(src.metadata)
 
 

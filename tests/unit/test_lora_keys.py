@@ -50,6 +50,23 @@ def test_sdxl_text_encoders_and_fused_qkv():
     assert len({m.name for m in mods}) == len(mods)
 
 
+def test_sd2_openclip_text_encoder_takes_its_prefixes_from_the_architecture_data():
+    # SD2: the SD1.5 UNet with a 1024-wide context, and SDXL's OpenCLIP-G text encoder at SD2's place
+    specs = {k: ((v[0], 1024) if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else v)
+             for k, v in _specs("sd15").items() if not k.startswith("cond_stage_model.")}
+    specs.update({"cond_stage_model.model." + k[len("conditioner.embedders.1.model."):]: v
+                  for k, v in _specs("sdxl").items() if k.startswith("conditioner.embedders.1.model.")})
+    mods = lora_modules(specs)
+    assert len(mods) == 278 + 31 * 6   # the layout's OpenCLIP-G keeps 31 resblocks
+    te = {m.name: m for m in mods if m.block == "text_encoder"}
+    assert len(te) == 186 and all(n.startswith("lora_te_text_model_encoder_layers_") for n in te)
+    v = te["lora_te_text_model_encoder_layers_30_self_attn_v_proj"]
+    assert (v.key, v.row_start, v.row_stop) == \
+        ("cond_stage_model.model.transformer.resblocks.30.attn.in_proj_weight", 2560, 3840)
+
+
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(MergeError, match="supports SD1.x, SD2.x and SDXL checkpoints, not Flux"):
-        lora_modules(_specs("flux"))
+    with pytest.raises(MergeError, match="supports SD1.x, SD2.x, SDXL, SD3 and Flux checkpoints, not Llama"):
+        lora_modules({"model.layers.0.self_attn.q_proj.weight": (64, 64),
+                      "model.layers.0.mlp.gate_proj.weight": (128, 64), "lm_head.weight": (100, 64),
+                      "model.embed_tokens.weight": (100, 64)})
