@@ -1,16 +1,17 @@
 """Hyper-merge benchmark: merge_core's decomposition vs the reference algorithm, per-model LoRA
 extraction at the same total bytes, and the SVD floor, in one run.
 
-    python bench/bench_hyper.py                    # 4 full-size SD1.5-layout fp16 models, ranks 64 64 32 32, 6 rounds
+    python bench/bench_hyper.py                    # 4 full-size SD1.5-layout fp16 models, ranks 64 64 64, 6 rounds
     python bench/bench_hyper.py --device cuda
     python bench/bench_hyper.py --fixture broad --shrink 4 --no-svd   # a harder fixture, widths / 4
 
 Fixtures (bench/fixtures.py HYPER_FIXTURES): spectral (below), broad and many (harder: more models,
 near-full-rank slowly decaying spectra, parts of each model's own, noise; ranks well below the span).
 
-Models: a shared base plus, in every covered layer, six shared components with decaying singular
-spectra (sigma_i ~ 1/i over 256 directions) mixed with per-model coefficients of decaying scale,
-plus a small full-rank per-model part. Error = |W - W_hat|^2 / |W - mean|^2 over the 350 LoRA layers.
+The default (spectral, full size; files _bench_data/hyper_spectral_{0..3}.safetensors): a shared base
+plus, in every covered layer, six shared components with decaying singular spectra (sigma_i ~ 1/i over
+256 directions) mixed with per-model coefficients of decaying scale, plus a small full-rank per-model part.
+Error = |W - W_hat|^2 / |W - mean|^2 over the 350 LoRA layers.
 """
 from __future__ import annotations
 
@@ -25,58 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fixtures import DATA, HYPER_FIXTURES, build_hyper_fixture, fixture_ranks, layout_specs  # noqa: E402
+from bench.fixtures import DATA, HYPER_FIXTURES, build_hyper_fixture, fixture_ranks  # noqa: E402
 from bench.hyper_reference import reference_hyper  # noqa: E402
 from merge_core.hyper.pipeline import HyperConfig, run_hyper  # noqa: E402
-from merge_core.io import SafetensorsWriter, open_model  # noqa: E402
+from merge_core.io import open_model  # noqa: E402
 from merge_core.lora.keys import layer_deltas, lora_modules  # noqa: E402
-
-SCALES = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18]
-INNER = 256
-
-
-def build(count: int = 4, seed: int = 0) -> list[Path]:
-    paths = [DATA / f"hyper_sd15_{m}.safetensors" for m in range(count)]
-    if all(p.exists() for p in paths):
-        return paths
-    DATA.mkdir(exist_ok=True)
-    specs = layout_specs("sd15")
-    covered = {mod.key: mod for mod in lora_modules(specs, "sd1")}
-    g = torch.Generator().manual_seed(seed)
-    coeff = torch.randn(count, len(SCALES), generator=g) * torch.tensor(SCALES)
-    writers = [SafetensorsWriter(p, specs, overwrite=True).__enter__() for p in paths]
-    try:
-        sigma = 1.0 / torch.arange(1, INNER + 1, dtype=torch.float32)
-        for n, (key, spec) in enumerate(specs.items()):
-            if spec.dtype == torch.int64:
-                for w in writers:
-                    w.write(key, torch.arange(spec.numel).reshape(spec.shape))
-                continue
-            base = torch.randn(spec.shape, generator=g) * 0.05
-            if key in covered:
-                out, inn = spec.shape[0], spec.numel // spec.shape[0]
-                p = min(INNER, out, inn)
-                comps = []
-                for _ in SCALES:
-                    u = torch.linalg.qr(torch.randn(out, p, generator=g))[0]
-                    v = torch.linalg.qr(torch.randn(inn, p, generator=g))[0]
-                    # RMS 0.02 per element, singular values ~ 1/i
-                    comps.append(((u * sigma[:p]) @ v.T) * (0.02 * (out * inn) ** 0.5 / float(sigma[:p].norm())))
-                for m, w in enumerate(writers):
-                    delta = sum(float(coeff[m, j]) * c for j, c in enumerate(comps))
-                    delta += 0.002 * torch.randn(out, inn, generator=g)
-                    w.write(key, (base + delta.reshape(spec.shape)).half())
-            else:
-                for w in writers:
-                    w.write(key, (base + 0.001 * torch.randn(spec.shape, generator=g)).half())
-    except BaseException:
-        for w in writers:
-            w.__exit__(RuntimeError, None, None)
-        raise
-    for w in writers:
-        w.__exit__(None, None, None)
-    return paths
-
 
 def main() -> int:
     import resource
@@ -93,7 +47,7 @@ def main() -> int:
     args = ap.parse_args()
     ranks = args.ranks or fixture_ranks(args.fixture, args.shrink)
     t0 = time.perf_counter()
-    paths = build() if args.fixture == "spectral" and args.shrink == 1 else build_hyper_fixture(args.fixture, args.shrink)
+    paths = build_hyper_fixture(args.fixture, args.shrink)
     print(f"fixtures ready in {time.perf_counter() - t0:.0f} s", flush=True)
     out_dir = DATA / "hyper_out"
     out_dir.mkdir(exist_ok=True)

@@ -82,7 +82,8 @@ if __name__ == "__main__":
 # those shares of the shared part's energy. Ranks for a shrunk fixture: `fixture_ranks`.
 HYPER_FIXTURES = {
     # the original benchmark's structure: 4 models, six shared components of decaying scale, spectra ~ 1/i
-    # over 256 directions, a little noise
+    # over 256 directions, a little noise (the same files bench_hyper.py's own writer made before); the
+    # reference's own ranks 64 64 32 32 (4 LoRAs for 4 models: the 4th adds rank to the largest direction)
     "spectral": dict(models=4, shared=6, scales=[1.0, 0.7, 0.5, 0.35, 0.25, 0.18], decay=1.0, inner=256,
                      own=0.0, own_decay=1.0, noise=0.1, ranks=[64, 64, 32, 32]),
     # hard: 6 models, broad (nearly flat) spectra of full rank, a strong part of each model's own,

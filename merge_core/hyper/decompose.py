@@ -6,8 +6,8 @@ with one lam[k,m] per model and LoRA k shared by all layers (it is a LoRA streng
 
 1. Sketch (one streaming pass, `sketch_layer`): per layer, orthonormal bases
    Q [out, p] and P [in, p] of the dominant column and row spaces of all M
-   differences together (a randomized range finder of [dW_1 ... dW_M] with two
-   power iterations; p = sum r_k + oversampling; a side no wider than p is kept
+   differences together (a randomized range finder of [dW_1 ... dW_M] with three
+   power iterations (pipeline.SKETCH_POWER_ITERS; ranks auto: two); p = sum r_k + oversampling; a side no wider than p is kept
    whole), the small cores C[m] = Q^T dW[m] P, |dW[m]|^2 and the M x M Gram
    matrix. Every D restricted to that subspace (D = Q X P^T) has
        |dW[m] - sum_k lam[k,m] D[k]|^2 = (|dW[m]|^2 - |C[m]|^2) + |C[m] - sum_k lam[k,m] X[k]|^2
@@ -27,6 +27,8 @@ with one lam[k,m] per model and LoRA k shared by all layers (it is a LoRA streng
    Starts: principal components, greedy (`greedy_start`) and the reference tool's way (`greedy_start`
    with ones / per-layer means); the pipeline keeps the best result that leaves no model worse off than
    the reference way's. See docs/hyper.md.
+5. Exact refinement (`refit_exact`, driven by pipeline._refine_exact): more streaming passes that refit
+   every D_k on the full differences (the sketch's subspace is the rounds' limit on flat spectra).
 
 The reference tool fitted one LoRA at a time (greedy deflation), started lam
 at ones and normalised by layer means; see docs/hyper.md for the comparison.
@@ -147,6 +149,41 @@ def fit_layer(deltas: Sequence[Tensor], lam: Tensor, ranks: Sequence[int],
         else:
             factors.append((u, v))
     return factors, layer_accumulators(deltas, factors)
+
+
+def refit_exact(deltas: Sequence[Tensor], lam: Tensor, weights: Tensor, factors: Sequence[tuple[Tensor, Tensor]],
+                ranks: Sequence[int], generator: torch.Generator,
+                power_iters: int = 2) -> tuple[list[tuple[Tensor, Tensor]], LayerFit]:
+    """The exact refinement of one layer (docs/hyper.md, step 5): one Gauss-Seidel sweep on the full
+    differences, every D_k refitted in turn as the rank-r_k truncation of
+
+        (sum_m w[m] lam[k,m] dW[m] - sum_{j!=k} c[k,j] D[j]) / c[k,k],   c = lam diag(w) lam^T,
+
+    the exact minimiser of sum_m w[m] |dW[m] - sum_k lam[k,m] D[k]|^2 for fixed lam (the rounds' D-step,
+    without the sketch's subspace), by subspace iteration warm-started from the current factors' row
+    space (`factors`: (U*S [out, r], V [in, r]) in full coordinates). Returns the new factors and the
+    accumulators on the full differences (core_sq None: the error is exact)."""
+    dtype = deltas[0].dtype
+    stacked = torch.stack(list(deltas))                                         # [M, out, in]
+    lam64 = lam.double()
+    w = weights.double()
+    c = (lam64 * w) @ lam64.T
+    dense = [u.to(dtype) @ v.to(dtype).T for u, v in factors]
+    new = list(factors)
+    for k in range(lam.shape[0]):
+        if float(c[k, k]) <= 0:
+            continue
+        coef = (w * lam64[k] / c[k, k]).to(dtype)
+        target = torch.einsum("m,mij->ij", coef, stacked)
+        for j in range(lam.shape[0]):
+            if j != k:
+                target.sub_(dense[j], alpha=float(c[k, j] / c[k, k]))
+        u, v = truncated_svd(target, ranks[k], factors[k][1].to(dtype), generator, power_iters)
+        del target
+        new[k] = (u, v)
+        dense[k] = u @ v.T
+    del dense
+    return new, layer_accumulators(deltas, new)
 
 
 def layer_accumulators(deltas: Sequence[Tensor], factors: Sequence[tuple[Tensor, Tensor]]) -> LayerFit:

@@ -19,13 +19,12 @@ import torch
 
 from ..engine import merge, resolve_device
 from ..errors import MergeCancelled, MergeError
-from ..blocks import architecture
 from ..inputs import plain_name
 from ..io.atomic import (Target, check_writable_folder, deferred_signals, lock_exclusive, make_parents,
                          remove_created, remove_quietly, sweep_stale, temp_name)
 from ..io.safetensors_file import check_output_path
 from ..io.sources import ModelSource, open_model
-from ..lora.format import balanced_factors, factors_to_lora_tensors, save_lora, strength_tag
+from ..lora.format import balanced_factors, base_model_metadata, factors_to_lora_tensors, save_lora, strength_tag
 from ..lora.keys import LoraModule, layer_deltas, lora_modules
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
 from ..io.safetensors_file import HEADER_SLACK
@@ -155,13 +154,6 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
         ranks, auto_info = _auto_ranks(cfg, [Path(p) for p in cfg.models], device, out_dtype)
     else:
         ranks = D.assign_ranks(cfg.ranks)
-        span = len(cfg.models) - 1
-        if len(ranks) > span:
-            shown_ranks = " ".join(str(r) for r in ranks[:span])
-            raise MergeError(f"{len(ranks)} LoRAs for {len(cfg.models)} models: {len(cfg.models)} models span at "
-                             f"most {span} direction{'s' if span != 1 else ''} around their average, so at most "
-                             f"{span} LoRA{'s' if span != 1 else ''} make sense (e.g. ranks {shown_ranks}); more "
-                             f"would only repeat them and make the set larger")
     names = output_names(cfg.name, ranks)
     final = {key: (lora_dir if key.startswith("lora") else out_dir) / fname for key, fname in names.items()}
     for path in final.values():
@@ -208,6 +200,10 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
             auto_info["met"] = (auto_info["lora_bytes"] <= auto_info["budget_bytes"] if "budget_bytes" in auto_info
                                 else report["mean_relative_error_covered"] <= auto_info["target"])
             report["auto_ranks"] = auto_info
+        if len(ranks) > len(stems) - 1:  # the reference's own setting (4 models, ranks 64 64 32 32) is one
+            report["note"] = (f"{len(ranks)} LoRAs for {len(stems)} models: the models span at most "
+                              f"{len(stems) - 1} directions around their average; the LoRAs beyond that add rank "
+                              f"to the largest directions (ranks auto never does this)")
         multipliers = "".join(f"{s}: " + " ".join(strength_tag(n, lam_rows[s][k]) for k, n in enumerate(lora_names))
                               + "\n" for s in stems)
         (tmp / names["multipliers"]).write_text(multipliers)
@@ -368,7 +364,7 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         mod = modules[i]
         deltas = layer_deltas(sources, hyper, mod, device)
         generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
-        sk = D.sketch_layer(deltas, width, generator)
+        sk = D.sketch_layer(deltas, width, generator, power_iters=SKETCH_POWER_ITERS)
         floor = None
         if cfg.floor:
             floor = torch.zeros(m_count, dtype=torch.float64)
@@ -457,7 +453,92 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
                 u_t, v_t = u[t].cpu(), v[t].cpu()
                 layer.append((u_t if q is None else q.float() @ u_t, v_t if p is None else p.float() @ v_t))
             factors[i] = layer
+    # the exact refinement: only where the sketch left something out (some side wider than p) and the fit is
+    # not already exact (below 1e-6 the float32 accumulators cannot tell a pass's gain from rounding)
+    sketched = any(q is not None or p is not None for q, p in bases)
+    # what the rounds needed (bases, cores, every start's factors) is dropped before the passes: they hold
+    # only the factors in full coordinates, and replace them layer by layer
+    del bases, groups, group_factors, candidates, anchor, cand
+    best["factors"] = None
+    if sketched and float(best["rel"].max()) > 1e-6:
+        lam, factors, fits = _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total,
+                                           rounds, device, workers, small, ticker)
     return rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq
+
+
+EXACT_PASSES = 3        # at most this many exact refinement passes (each one streaming pass over the files)
+SKETCH_POWER_ITERS = 3  # the sketch's power iterations (docs/hyper.md, step 1)
+
+
+def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total, rounds, device, workers, small,
+                  ticker):
+    """The exact refinement (docs/hyper.md, step 5): streaming passes over the files after the rounds. Per
+    layer every D_k is refitted on the full differences with lam and the weights fixed (the rounds' D-step
+    without the sketch's subspace, `D.refit_exact`); then every model's strengths are solved again by least
+    squares and the errors computed exactly from the pass's accumulators. A pass is kept only if it lowers
+    the objective and leaves no model worse off than the state it started from; otherwise the models it
+    left worse off weigh more (as in the rounds) and the next pass starts from the kept state again."""
+    state = {"lam": best["lam"], "factors": factors, "fits": best["fits"], "rel": best["rel"],
+             "objective": best["objective"]}
+    # plain least squares (w = 1): the full data's own optimum, toward which the reference's greedy steps go;
+    # the guard keeps the models the rounds' weights lifted where they are
+    weights = torch.ones(best["rel"].shape[0], dtype=torch.float64)
+    m_count, k_count = n_total.shape[0], best["lam"].shape[0]
+    for index in range(EXACT_PASSES):
+        started = time.perf_counter()
+        lam, start_factors = state["lam"], state["factors"]
+
+        def refit(i):
+            mod = modules[i]
+            deltas = layer_deltas(sources, hyper, mod, device)
+            generator = torch.Generator().manual_seed(D.module_seed(cfg.seed + 1 + index, mod.name))
+            start = [(u.to(device), v.to(device)) for u, v in start_factors[i]]
+            new, fit = D.refit_exact(deltas, lam, weights, start, layer_ranks[i], generator)
+            del deltas
+            return [(u.cpu(), v.cpu()) for u, v in new], fit
+
+        new_factors, new_fits = [], []  # the pass's factors: with the kept ones, two copies at most
+        total_dd = torch.zeros(k_count, k_count, dtype=torch.float64)
+        total_cross = torch.zeros(m_count, k_count, dtype=torch.float64)
+        with thread_policy(cfg.threads, device, workers=workers, small=small):
+            for layer, fit in map_ordered(refit, range(len(modules)), workers):
+                new_factors.append(layer)
+                new_fits.append(fit)
+                total_dd += fit.gram_dd
+                total_cross += fit.cross
+        new_lam, scale = D.normalize_components(D.solve_lambdas(total_dd, total_cross))
+        scale64 = scale.double()
+        total_dd *= torch.outer(scale64, scale64)
+        total_cross *= scale64[None, :]
+        rel = D.squared_error(total_dd, total_cross, n_total, new_lam) / n_total.clamp_min(1e-300)
+        objective = float(rel.pow(cfg.power).mean() ** (1.0 / cfg.power))
+        worse = rel > state["rel"] * (1 + 1e-6) + 1e-12
+        accepted = objective < state["objective"] and not bool(worse.any())
+        ticker(f"exact refinement {index + 1}")
+        entry = {"round": f"exact {index + 1}", "relative_error": rel.tolist(),
+                 "mean_relative_error": float(rel.mean()), "objective": objective,
+                 "seconds": round(time.perf_counter() - started, 2)}
+        if not accepted:
+            del new_factors, new_fits
+            rounds[-1].setdefault("exact_rejected", []).append(entry)
+            weights = torch.where(worse, weights * 2 * (rel / state["rel"]).clamp_max(4.0) ** 4, weights)
+            weights = weights / weights.mean()
+            continue
+        rounds.append(entry)
+        for fit in new_fits:
+            fit.gram_dd = fit.gram_dd * torch.outer(scale64, scale64)
+            fit.cross = fit.cross * scale64[None, :]
+        gain = (state["objective"] - objective) / max(state["objective"], 1e-300)
+        kept = state["factors"]  # the caller's list: each layer replaced in place, the old factors freed
+        for i, layer in enumerate(new_factors):
+            for k, (u, _) in enumerate(layer):
+                u.mul_(float(scale[k]))
+            kept[i] = layer
+        del new_factors
+        state = {"lam": new_lam, "factors": kept, "fits": new_fits, "rel": rel, "objective": objective}
+        if gain < cfg.tol:
+            break
+    return state["lam"], state["factors"], state["fits"]
 
 
 def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
@@ -532,7 +613,7 @@ def _write_loras(tmp, names, lora_names, modules, factors, ranks, lam_rows, out_
             tensors.update(factors_to_lora_tensors(mod, up, down, out_dtype))
         metadata = {
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-            "ss_base_model_version": architecture(arch).ss_base_model_version[0],  # from the architecture data
+            **base_model_metadata(arch),  # from the architecture data
             "manifold_hyper_name": cfg.name, "manifold_hyper_index": str(k),
             "manifold_hyper_lambdas": json.dumps({s: row[k] for s, row in lam_rows.items()}),
         }
@@ -566,9 +647,12 @@ def _report(cfg, stems, modules, ranks, lam, fits, uncovered_sq, floor_sq, eigva
             row["per_block"][block] = b_err / b_sq if b_sq else 0.0
         per_model.append(row)
     total_sq = sum(float(f.delta_sq.sum()) for f in fits)
+    # LoRA k's share of the difference: sum_m lam[k,m] <dW_m, D_k> / sum_m |dW_m|^2. The shares add up to
+    # sum_m <dW_m, W_hat_m> / total = 1 - the mean error (least-squares strengths leave the residual orthogonal
+    # to the fit), whether or not the LoRAs are orthogonal to each other (|lam_k D_k|^2 alone can exceed 1).
     energy = []
     for k in range(len(ranks)):
-        captured = sum(float((lam[k] ** 2).sum()) * float(f.gram_dd[k, k]) for f in fits)
+        captured = sum(float((lam[k].double() * f.cross[:, k].double()).sum()) for f in fits)
         energy.append(captured / total_sq if total_sq else 0.0)
     in_bytes = sum(Path(p).stat().st_size for p in inputs)
     out_bytes = sum(Path(p).stat().st_size for p in outputs)

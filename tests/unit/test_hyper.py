@@ -118,17 +118,22 @@ def test_beats_per_model_start_and_reports_every_block(tmp_path):
     assert [p.name for p in result.lora_paths] == ["r_0-3.safetensors", "r_1-2.safetensors", "r_2-1.safetensors"]
 
 
-def test_more_loras_than_the_models_span_are_refused_with_the_number_that_makes_sense(tmp_path):
-    # 3 models around their mean span 2 directions: a third LoRA could only repeat one (and make the set larger)
+def test_more_loras_than_directions_add_rank_to_the_largest(tmp_path):
+    # 3 models around their mean span 2 directions; a third LoRA restarts on the largest one and adds rank there
+    # (the reference's own setting, 4 models and ranks 64 64 32 32, is such a case: it runs, with a note)
     lam_true = torch.tensor([[1.0, -0.6, 0.2], [0.1, 0.5, -0.9]])
     paths, _ = build_collection(tmp_path, lam_true, ranks=[2, 1])
-    before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(MergeError, match=r"3 LoRAs for 3 models: .* at most 2 LoRAs make sense \(e.g. ranks 4 2\)"):
-        run_hyper(HyperConfig(models=paths, name="three", out_dir=tmp_path, ranks=[2, 4, 1], iterations=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-    two = run_hyper(HyperConfig(models=paths, name="two", out_dir=tmp_path, ranks=[2, 1], iterations=10,
+    two = run_hyper(HyperConfig(models=paths, name="two", out_dir=tmp_path, ranks=[1, 1], iterations=10,
                                 dtype="float32", floor=False, tol=1e-9))
-    assert two.report["mean_relative_error_covered"] < 0.05
+    three = run_hyper(HyperConfig(models=paths, name="three", out_dir=tmp_path, ranks=[1, 1, 1], iterations=10,
+                                  dtype="float32", floor=False, tol=1e-9))
+    assert three.report["mean_relative_error_covered"] < 0.5 * two.report["mean_relative_error_covered"]
+    assert "3 LoRAs for 3 models" in three.report["note"] and "note" not in two.report
+    for result in (two, three):  # each LoRA's share of the difference; together 1 - the pooled error
+        shares = result.report["lora_energy_share"]
+        assert all(-1e-6 <= x <= 1 for x in shares) and sum(shares) <= 1 + 1e-6
+        assert sum(shares) >= 1 - max(r["relative_error_covered"] for r in result.report["per_model"]) - 1e-4
+    assert len(three.lora_paths) == 3
 
 
 def test_bad_inputs_write_nothing(tmp_path):
@@ -317,3 +322,83 @@ def test_hyper_project_takes_the_set_prefix_or_the_hyper_checkpoints_path(tmp_pa
     by_prefix = project_model(tmp_path / "proj", paths[1])
     by_path = project_model(result.hyper_path, paths[1])
     assert by_prefix["lambdas"] == by_path["lambdas"]
+
+
+def _flat(out, inn, decay, g):
+    """A random [out, inn] matrix of full rank with singular values ~ i^-decay, RMS 1."""
+    p = min(out, inn)
+    s = torch.arange(1, p + 1, dtype=torch.float32) ** -decay
+    u = torch.linalg.qr(torch.randn(out, p, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(inn, p, generator=g))[0]
+    return (u * s) @ v.T * ((out * inn) ** 0.5 / float(s.norm()))
+
+
+def test_a_case_the_sketch_limits_leaves_no_model_worse_than_the_reference(tmp_path, monkeypatch):
+    """The `broad` fixture's structure in small: six models mixing four shared parts of full rank with flat
+    spectra, a part of each model's own (20 % of the shared energy), noise (50 %); four LoRAs of ranks
+    4 2 2 1. The in-sides of attn2.to_k (768) and the 3x3 conv (90) and fc1's out-side (96) are wider than
+    the sketch (p = 41 columns). With the sketch's two power iterations and no exact pass (the previous
+    code) a model ends 2.4 % above the reference algorithm's error; with three and the exact passes every
+    model is at or below it (here the third power iteration does it: the exact passes are tried and
+    rejected by the guard, and leave no model worse than the rounds did)."""
+    import merge_core.hyper.pipeline as pipeline
+    base = small_base(2)
+    modules = lora_modules({k: TensorSpec.of(v) for k, v in base.items()})
+    g = torch.Generator().manual_seed(13)
+    coeff = torch.randn(6, 4, generator=g) * torch.tensor([1.0, 0.8, 0.6, 0.5])
+    models = [{k: v.clone() for k, v in base.items()} for _ in range(6)]
+    for m in modules:
+        shared = [_flat(m.out_features, m.in_features, 0.3, g) * 0.02 for _ in range(4)]
+        for i, sd in enumerate(models):
+            delta = sum(float(coeff[i, j]) * c for j, c in enumerate(shared))
+            delta = delta + _flat(m.out_features, m.in_features, 0.5, g) * 0.02 * 0.2 ** 0.5
+            delta = delta + torch.randn(delta.shape, generator=g) * 0.02 * 0.5 ** 0.5
+            sd[m.key] += delta.reshape(m.shape)
+    paths = []
+    for i, sd in enumerate(models):
+        paths.append(tmp_path / f"model_{i}.safetensors")
+        save_safetensors(paths[-1], sd)
+    ranks = [4, 2, 2, 1]
+
+    def run(passes, power_iters):
+        monkeypatch.setattr(pipeline, "EXACT_PASSES", passes)
+        monkeypatch.setattr(pipeline, "SKETCH_POWER_ITERS", power_iters)
+        return run_hyper(HyperConfig(models=paths, name="broad", out_dir=tmp_path, ranks=ranks, iterations=12,
+                                     dtype="float32", floor=False, overwrite=True))
+
+    before = [r["relative_error_covered"] for r in run(0, 2).report["per_model"]]
+    result = run(3, 3)
+    ours = [r["relative_error_covered"] for r in result.report["per_model"]]
+    reference = _reference_errors(result, paths, modules, ranks, 12)
+    assert max(b / r for b, r in zip(before, reference)) > 1.02, (before, reference)
+    assert all(o <= r for o, r in zip(ours, reference)), (ours, reference)
+    assert sum(ours) < 0.97 * sum(reference)
+    # the exact passes ran (kept or not) and never leave a model worse than the rounds on the cores did
+    rounds = result.report["rounds"]
+    tried = sum(len(r.get("exact_rejected", [])) + str(r["round"]).startswith("exact") for r in rounds)
+    assert tried >= 1
+    last_core_round = [r for r in rounds if not str(r["round"]).startswith("exact")][-1]
+    assert all(o <= c * (1 + 1e-6) for o, c in zip(ours, last_core_round["relative_error"]))
+
+
+def test_refit_exact_is_the_weighted_least_squares_truncation():
+    """One LoRA, lam fixed: the exact refit is the rank-r truncation of sum_m w lam dW_m / sum_m w lam^2,
+    whatever subspace the start spans (here a random one)."""
+    from merge_core.hyper import decompose as D
+    g = torch.Generator().manual_seed(5)
+    scale = torch.tensor([10.0, 8.0, 6.0, 4.0, 2.0, 1.0])   # a spectral gap after the 4th, then noise
+    deltas = [(torch.randn(60, 6, generator=g) * scale) @ torch.randn(6, 50, generator=g) / 8
+              + 0.01 * torch.randn(60, 50, generator=g) for _ in range(3)]
+    lam = torch.tensor([[1.0, -0.6, 0.3]])
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    start = [(torch.randn(60, 4, generator=g), torch.linalg.qr(torch.randn(50, 4, generator=g))[0])]
+    (u, v), = D.refit_exact(deltas, lam, weights, start, [4], g, power_iters=6)[0]
+    target = sum(float(w * l) * d for w, l, d in zip(weights, lam[0], deltas)) / float((weights * lam[0] ** 2).sum())
+    left, s, right = torch.linalg.svd(target)
+    best = (left[:, :4] * s[:4]) @ right[:4]
+    assert torch.linalg.matrix_norm(u @ v.T - best) < 1e-3 * torch.linalg.matrix_norm(best)
+    # and the accumulators it returns are those of the new factors on the full differences
+    fit = D.refit_exact(deltas, lam, weights, start, [4], torch.Generator().manual_seed(1), power_iters=6)[1]
+    err = D.fit_error(fit, lam)
+    direct = torch.tensor([float(torch.linalg.matrix_norm(d - float(l) * best) ** 2) for d, l in zip(deltas, lam[0])])
+    assert torch.allclose(err.float(), direct, rtol=1e-3)
