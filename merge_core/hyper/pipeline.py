@@ -444,6 +444,11 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         rounds[-1].setdefault("starts", {})[name] = cand["rel"].tolist()
     rounds[-1]["start"] = best["start"]
     lam, group_factors, fits = best["lam"], best["factors"], best["fits"]
+    # The factors in full coordinates stay for the rest of the run (twice during an exact pass): float32, or
+    # float16 when they would exceed 1.5 GB (Flux at ranks 64 64 32 32: 4.9 GiB in float32); they are
+    # written at the output dtype (float16 by default) anyway.
+    factor_bytes = sum((mod.out_features + mod.in_features) * sum(lr) * 4 for mod, lr in zip(modules, layer_ranks))
+    factor_dtype = torch.float32 if factor_bytes < FACTORS_FP32_LIMIT else torch.float16
     factors: list = [None] * len(modules)
     for group, gf in zip(groups, group_factors):
         for t, i in enumerate(group.index):
@@ -451,7 +456,8 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
             layer = []
             for u, v in gf:
                 u_t, v_t = u[t].cpu(), v[t].cpu()
-                layer.append((u_t if q is None else q.float() @ u_t, v_t if p is None else p.float() @ v_t))
+                layer.append(((u_t if q is None else q.float() @ u_t).to(factor_dtype),
+                              (v_t if p is None else p.float() @ v_t).to(factor_dtype)))
             factors[i] = layer
     # the exact refinement: only where the sketch left something out (some side wider than p) and the fit is
     # not already exact (below 1e-6 the float32 accumulators cannot tell a pass's gain from rounding)
@@ -462,16 +468,17 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
     best["factors"] = None
     if sketched and float(best["rel"].max()) > 1e-6:
         lam, factors, fits = _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total,
-                                           rounds, device, workers, small, ticker)
+                                           rounds, device, workers, small, ticker, factor_dtype)
     return rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq
 
 
+FACTORS_FP32_LIMIT = 1.5 * 2**30  # bytes of float32 factors above which they are kept in float16
 EXACT_PASSES = 3        # at most this many exact refinement passes (each one streaming pass over the files)
 SKETCH_POWER_ITERS = 3  # the sketch's power iterations (docs/hyper.md, step 1)
 
 
 def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total, rounds, device, workers, small,
-                  ticker):
+                  ticker, factor_dtype=torch.float32):
     """The exact refinement (docs/hyper.md, step 5): streaming passes over the files after the rounds. Per
     layer every D_k is refitted on the full differences with lam and the weights fixed (the rounds' D-step
     without the sketch's subspace, `D.refit_exact`); then every model's strengths are solved again by least
@@ -495,7 +502,7 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
             start = [(u.to(device), v.to(device)) for u, v in start_factors[i]]
             new, fit = D.refit_exact(deltas, lam, weights, start, layer_ranks[i], generator)
             del deltas
-            return [(u.cpu(), v.cpu()) for u, v in new], fit
+            return [(u.to("cpu", factor_dtype), v.to("cpu", factor_dtype)) for u, v in new], fit
 
         new_factors, new_fits = [], []  # the pass's factors: with the kept ones, two copies at most
         total_dd = torch.zeros(k_count, k_count, dtype=torch.float64)
