@@ -87,7 +87,7 @@ class _Ticker:
         self.progress, self.total, self.done = progress, total, 0
 
     def __call__(self, label: str) -> None:
-        self.done += 1
+        self.done = min(self.done + 1, self.total)
         if self.progress is not None and self.progress(self.done, self.total, label) is False:
             raise MergeCancelled("hyper-merge cancelled; nothing was written")
 
@@ -176,7 +176,9 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
         tmp_fd = os.open(tmp, os.O_RDONLY)
         lock_exclusive(tmp_fd)
         n_layers = len(modules)
-        ticker = _Ticker(cfg.progress, n_layers + 1 + 3 * cfg.iterations)
+        # the hyper checkpoint, the sketch pass (a tick per layer), the rounds of three starts and up to
+        # EXACT_PASSES exact passes (a tick per layer); steps skipped or stopped early jump ahead at the end
+        ticker = _Ticker(cfg.progress, n_layers * (1 + EXACT_PASSES) + 1 + 3 * cfg.iterations)
 
         # 1. The hyper model: the plain average of all models (every key), streamed by the engine.
         hyper_path = tmp / names["hyper"]
@@ -508,7 +510,8 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
         total_dd = torch.zeros(k_count, k_count, dtype=torch.float64)
         total_cross = torch.zeros(m_count, k_count, dtype=torch.float64)
         with thread_policy(cfg.threads, device, workers=workers, small=small):
-            for layer, fit in map_ordered(refit, range(len(modules)), workers):
+            for mod, (layer, fit) in zip(modules, map_ordered(refit, range(len(modules)), workers)):
+                ticker(f"exact pass {index + 1}/{EXACT_PASSES}: {mod.name}")
                 new_factors.append(layer)
                 new_fits.append(fit)
                 total_dd += fit.gram_dd
@@ -521,7 +524,6 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
         objective = float(rel.pow(cfg.power).mean() ** (1.0 / cfg.power))
         worse = rel > state["rel"] * (1 + 1e-6) + 1e-12
         accepted = objective < state["objective"] and not bool(worse.any())
-        ticker(f"exact refinement {index + 1}")
         entry = {"round": f"exact {index + 1}", "relative_error": rel.tolist(),
                  "mean_relative_error": float(rel.mean()), "objective": objective,
                  "seconds": round(time.perf_counter() - started, 2)}
