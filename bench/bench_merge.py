@@ -203,6 +203,16 @@ NEW_METHODS = [
 ]
 
 
+def report(args, file_name: str, rows, table: str) -> int:
+    """Print a row set's table and keep it, with the machine, its load and the time, beside --out."""
+    print()
+    print(table)
+    Path(args.out).with_name(file_name).write_text(json.dumps(
+        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+         "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return 0
+
+
 def new_method_rows(args, py, sd15, row, rows, out) -> int:
     sma = row("merge_core sma (3 models)", py, "ours", {"inputs": sd15, "method": "sma"})
     lines = ["| method | merge_core s | MB | sd-mecha 1.1.8 (its method) | s | MB | speed-up | RSS ratio | "
@@ -224,12 +234,7 @@ def new_method_rows(args, py, sd15, row, rows, out) -> int:
                      f"{ours['seconds'] / sma['seconds']:.2f} |")
     lines.append(f"| sma (reference) | {sma['seconds']:.2f} | {sma['peak_rss_mb']:.0f} | | | | | | 1.00 |")
     table = "\n".join(lines)
-    print()
-    print(table)
-    Path(args.out).with_name("bench_merge_methods.json").write_text(json.dumps(
-        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-         "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
-    return 0
+    return report(args, "bench_merge_methods.json", rows, table)
 
 
 # Block weights keep Karcher on the Gram path (coefficients per key): the same work as a plain Karcher.
@@ -253,12 +258,7 @@ def block_rows(args, py, sd15, row, rows) -> int:
         f"{best_blocked['peak_rss_mb']:.0f} |",
         f"| block-weighted / plain | {best_blocked['seconds'] / best_plain['seconds']:.3f} | "
         f"{best_blocked['peak_rss_mb'] / best_plain['peak_rss_mb']:.3f} |"])
-    print()
-    print(table)
-    Path(args.out).with_name("bench_merge_blocks.json").write_text(json.dumps(
-        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-         "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
-    return 0
+    return report(args, "bench_merge_blocks.json", rows, table)
 
 
 # The Gram-path methods (one Gram pass + one linear pass, reading the inputs twice) against sma (one pass).
@@ -284,12 +284,7 @@ def gram_rows(args, py, sd15, row, rows) -> int:
                      f"{max(r['peak_rss_mb'] for r in runs[method]):.0f} | "
                      f"{', '.join('%.2f' % r['seconds'] for r in runs[method])} |")
     table = "\n".join(lines)
-    print()
-    print(table)
-    Path(args.out).with_name("bench_merge_gram.json").write_text(json.dumps(
-        {"rows": rows, "table": table, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-         "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
-    return 0
+    return report(args, "bench_merge_gram.json", rows, table)
 
 
 if __name__ == "__main__":
