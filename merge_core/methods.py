@@ -225,7 +225,8 @@ def train_difference(a: Tensor, b: Tensor, c: Tensor, m: float, out_dtype: torch
         torch.sub(diff, acc, out=near)          # B - A
         near.abs_()
         diff.sub_(_as_math(fc[start:stop], compute_dtype))  # B - C
-        torch.add(near, diff.abs(), out=total)
+        torch.abs(diff, out=total)
+        total.add_(near)                        # |B - A| + |B - C| (no allocation per chunk)
         torch.div(near, total, out=near)
         torch.where(total > 0, near, zero, out=near)
         acc.addcmul_(near, diff, value=gain)

@@ -516,13 +516,10 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
                 new_fits.append(fit)
                 total_dd += fit.gram_dd
                 total_cross += fit.cross
-        new_lam, scale = D.normalize_components(D.solve_lambdas(total_dd, total_cross))
-        scale64 = scale.double()
-        total_dd *= torch.outer(scale64, scale64)
-        total_cross *= scale64[None, :]
+        new_lam, scale = _strengths(total_dd, total_cross, new_fits)
         rel = D.squared_error(total_dd, total_cross, n_total, new_lam) / n_total.clamp_min(1e-300)
-        objective = float(rel.pow(cfg.power).mean() ** (1.0 / cfg.power))
-        worse = rel > state["rel"] * (1 + 1e-6) + 1e-12
+        objective = _objective(rel, cfg.power)
+        worse = _worse(rel, state["rel"])
         accepted = objective < state["objective"] and not bool(worse.any())
         entry = {"round": f"exact {index + 1}", "relative_error": rel.tolist(),
                  "mean_relative_error": float(rel.mean()), "objective": objective,
@@ -530,13 +527,10 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
         if not accepted:
             del new_factors, new_fits
             rounds[-1].setdefault("exact_rejected", []).append(entry)
-            weights = torch.where(worse, weights * 2 * (rel / state["rel"]).clamp_max(4.0) ** 4, weights)
+            weights = _heavier(weights, worse, rel, state["rel"])
             weights = weights / weights.mean()
             continue
         rounds.append(entry)
-        for fit in new_fits:
-            fit.gram_dd = fit.gram_dd * torch.outer(scale64, scale64)
-            fit.cross = fit.cross * scale64[None, :]
         gain = (state["objective"] - objective) / max(state["objective"], 1e-300)
         kept = state["factors"]  # the caller's list: each layer replaced in place, the old factors freed
         for i, layer in enumerate(new_factors):
@@ -548,6 +542,35 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
         if gain < cfg.tol:
             break
     return state["lam"], state["factors"], state["fits"]
+
+
+def _strengths(total_dd, total_cross, fits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every model's least-squares strengths from the accumulators, each LoRA rescaled so that
+    max_m |lam[k,m]| = 1; the accumulators (the totals, in place, and every layer's fit) are rescaled to
+    match. Returns (lam, scale): the caller multiplies LoRA k's factors by scale[k]."""
+    lam, scale = D.normalize_components(D.solve_lambdas(total_dd, total_cross))
+    scale64 = scale.double()
+    for fit in fits:
+        fit.gram_dd = fit.gram_dd * torch.outer(scale64, scale64)
+        fit.cross = fit.cross * scale64[None, :]
+    total_dd *= torch.outer(scale64, scale64)
+    total_cross *= scale64[None, :]
+    return lam, scale
+
+
+def _objective(rel: torch.Tensor, power: float) -> float:
+    """F = (mean_m e_m^power)^(1/power) of the models' relative errors (docs/hyper.md, step 4)."""
+    return float(rel.pow(power).mean() ** (1.0 / power))
+
+
+def _worse(rel: torch.Tensor, guard: torch.Tensor) -> torch.Tensor:
+    """The models whose error is above their guard (beyond float rounding)."""
+    return rel > guard * (1 + 1e-6) + 1e-12
+
+
+def _heavier(values: torch.Tensor, worse: torch.Tensor, rel: torch.Tensor, guard: torch.Tensor) -> torch.Tensor:
+    """The models a rejected step left worse off weigh more: x 2 (e / e_guard)^4 (the ratio capped at 4)."""
+    return torch.where(worse, values * 2 * (rel / guard).clamp_max(4.0) ** 4, values)
 
 
 def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
@@ -569,21 +592,14 @@ def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
                 fits[i] = D.LayerFit(gram_dd[t], cross[t], delta_sq[i], group.core_sq[t])
             total_dd += gram_dd.sum(dim=0)
             total_cross += cross.sum(dim=0)
-        lam = D.solve_lambdas(total_dd, total_cross)
-        lam, scale = D.normalize_components(lam)
-        scale64 = scale.double()
+        lam, scale = _strengths(total_dd, total_cross, fits)
         for group in groups:  # X_k *= scale_k keeps lam_k * X_k unchanged
             group.factors = [(u * float(scale[k]), v) for k, (u, v) in enumerate(group.factors)]
-        for fit in fits:
-            fit.gram_dd = fit.gram_dd * torch.outer(scale64, scale64)
-            fit.cross = fit.cross * scale64[None, :]
-        total_dd *= torch.outer(scale64, scale64)
-        total_cross *= scale64[None, :]
         loss = D.squared_error(total_dd, total_cross, n_total, lam, core_total)
         rel = loss / n_total.clamp_min(1e-300)
-        objective = float(rel.pow(cfg.power).mean() ** (1.0 / cfg.power))
+        objective = _objective(rel, cfg.power)
         guard = rel if best is None else best["guard"]
-        worse = rel > guard * (1 + 1e-6) + 1e-12
+        worse = _worse(rel, guard)
         accepted = best is None or (objective < best["objective"] and not bool(worse.any()))
         ticker(f"round {round_index + 1}/{cfg.iterations} ({start} start)")
         if accepted:
@@ -599,7 +615,7 @@ def _rounds(cfg, groups, lam, delta_sq, n_total, ticker, start: str) -> dict:
             lam = best["lam"].clone()
             for group, f in zip(groups, best["factors"]):
                 group.factors = list(f)
-            duals = torch.where(worse, duals * 2 * (rel / guard).clamp_max(4.0) ** 4, duals)
+            duals = _heavier(duals, worse, rel, guard)
             step /= 2
             if step < 0.03:
                 break
