@@ -43,8 +43,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--no-svd", action="store_true", help="skip the per-model SVD pass (floor, per-model LoRA)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--loaded", action="store_true",
+                    help="instead: the demo's hyper-merge with default threads and with one, on a quiet machine "
+                         "and with one core kept busy by another process (the issue's loaded-machine row)")
+    ap.add_argument("--repeat", type=int, default=3, help="--loaded: runs per row (the median is reported)")
     ap.add_argument("--out", help="JSON results (default: _bench_data/bench_hyper_FIXTURE.json)")
     args = ap.parse_args()
+    if args.loaded:
+        return loaded_rows(args.repeat, args.out)
     ranks = args.ranks or fixture_ranks(args.fixture, args.shrink)
     t0 = time.perf_counter()
     paths = build_hyper_fixture(args.fixture, args.shrink)
@@ -126,6 +132,55 @@ def main() -> int:
     out.write_text(json.dumps({"table": table, "ours": ours.report, "reference": ref_err,
                                "per_model": pm_err, "floor": floor_err, "peak_rss_mb_ours": ours_rss,
                                "times": {"ours": ours_s, "reference": ref_s, "svd": svd_s}}, indent=2))
+    return 0
+
+
+def loaded_rows(repeat: int, out: str | None) -> int:
+    """The demo's hyper-merge (merge_core.demo models, ranks 4 2, 3 rounds, as `python -m merge_core demo`
+    runs it) with the library's default threads and with one thread, on the machine as it is and with one
+    core kept busy by a spinning process: default threads must not lose to one thread under load."""
+    import os
+    import shutil
+    import statistics
+    import subprocess
+    import tempfile
+    from merge_core.demo import write_demo_models
+    from merge_core.threads import resolve_threads
+    folder = Path(tempfile.mkdtemp(prefix="bench-hyper-loaded-"))
+    paths = write_demo_models(folder)
+
+    def timed(threads):
+        times = []
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            run_hyper(HyperConfig(models=paths, name=f"d{i}", out_dir=folder, ranks=[4, 2], iterations=3,
+                                  dtype="float16", floor=False, overwrite=True, threads=threads))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    rows = []
+    for load in ("quiet", "one core busy"):
+        spinner = None
+        if load != "quiet":
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            default, single = timed(None), timed(1)
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+        rows.append((load, default, single, os.getloadavg()[0]))
+    shutil.rmtree(folder, ignore_errors=True)
+    table = ["| machine | default threads (%d) | one thread | default / one | load average after |" % resolve_threads(None),
+             "|---|---:|---:|---:|---:|"]
+    for load, default, single, avg in rows:
+        table.append(f"| {load} | {default:.2f} s | {single:.2f} s | {default / single:.2f} | {avg:.1f} |")
+    text = "\n".join(table)
+    print(text)
+    target = Path(out) if out else DATA / "bench_hyper_loaded.json"
+    DATA.mkdir(exist_ok=True)
+    target.write_text(json.dumps({"table": text, "rows": rows, "repeat": repeat,
+                                  "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
     return 0
 
 

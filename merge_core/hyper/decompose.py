@@ -4,11 +4,12 @@ Model m, layer l:   W[m,l] ~ H[l] + sum_k lam[k,m] * D[k,l],   D[k,l] of rank r_
 
 with one lam[k,m] per model and LoRA k shared by all layers (it is a LoRA strength).
 
-1. Sketch (one streaming pass, `sketch_layer`): per layer, orthonormal bases
-   Q [out, p] and P [in, p] of the dominant column and row spaces of all M
-   differences together (a randomized range finder of [dW_1 ... dW_M] with three
-   power iterations (pipeline.SKETCH_POWER_ITERS; ranks auto: two); p = sum r_k + oversampling; a side no wider than p is kept
-   whole), the small cores C[m] = Q^T dW[m] P, |dW[m]|^2 and the M x M Gram
+1. Sketch (one streaming pass, `sketch_directions`): per layer, orthonormal bases
+   Q [out, p] and P [in, p]: the unions of the dominant column and row spaces of
+   the layer's principal direction matrices E_j = sum_m v_j[m] dW[m] (a randomized
+   range finder on each, two power iterations, pipeline.SKETCH_POWER_ITERS; p = the
+   sum of `direction_widths`; a side no wider than p is kept whole), the small
+   cores C[m] = Q^T dW[m] P, |dW[m]|^2 and the M x M Gram
    matrix. Every D restricted to that subspace (D = Q X P^T) has
        |dW[m] - sum_k lam[k,m] D[k]|^2 = (|dW[m]|^2 - |C[m]|^2) + |C[m] - sum_k lam[k,m] X[k]|^2
    exactly, so all rounds run on the cores in memory, never on the files again.
@@ -97,11 +98,21 @@ def _orthonormal(y: Tensor) -> Tensor:
 
 
 def truncated_svd(target: Tensor, rank: int, start: Tensor | None, generator: torch.Generator,
-                  power_iters: int) -> tuple[Tensor, Tensor]:
-    """Rank-`rank` truncation of `target` as (u [out, r] = U*S, v [in, r] orthonormal).
+                  power_iters: int, minus: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` truncation of `target` - a Uc Vc^T (minus = (Uc, Vc), a low-rank correction applied in
+    every product, never formed) as (u [out, r] = U*S, v [in, r] orthonormal).
 
     Subspace iteration from `start` (the previous basis, padded with seeded random columns)."""
     out_dim, in_dim = target.shape
+
+    def mul(x: Tensor) -> Tensor:
+        y = target @ x
+        return y if minus is None else y.sub_(minus[0] @ (minus[1].T @ x))
+
+    def rmul(y: Tensor) -> Tensor:
+        x = target.T @ y
+        return x if minus is None else x.sub_(minus[1] @ (minus[0].T @ y))
+
     q = min(rank + OVERSAMPLE, out_dim, in_dim)
     extra = q - (0 if start is None else start.shape[1])
     basis = start if start is not None else target.new_zeros(in_dim, 0)
@@ -109,51 +120,19 @@ def truncated_svd(target: Tensor, rank: int, start: Tensor | None, generator: to
         noise = torch.randn(in_dim, extra, generator=generator, dtype=target.dtype).to(target.device)
         basis = torch.cat([basis, noise], dim=1)
     basis = basis[:, :q]
-    y = target @ basis
+    y = mul(basis)
     for _ in range(power_iters):
-        y = target @ (target.T @ _orthonormal(y))
+        y = mul(rmul(_orthonormal(y)))
     qy = _orthonormal(y)
-    small = qy.T @ target                                   # [q, in]
+    small = rmul(qy).T                                      # [q, in] = qy^T target
     ub, s, vh = torch.linalg.svd(small, full_matrices=False)
     r = min(rank, s.numel())
     return (qy @ ub[:, :r]) * s[:r], vh[:r].T.contiguous()
 
 
-def fit_layer(deltas: Sequence[Tensor], lam: Tensor, ranks: Sequence[int],
-              previous: list[tuple[Tensor, Tensor]] | None, generator: torch.Generator,
-              power_iters: int) -> tuple[list[tuple[Tensor, Tensor]], LayerFit]:
-    """One layer of one round: refit every D_k (Gauss-Seidel), return factors and accumulators.
-
-    deltas: M tensors [out, in_flat] (float32 or float64), lam: [K, M]."""
-    k_count = lam.shape[0]
-    lam = lam.to(deltas[0].dtype).to(deltas[0].device)
-    c = lam @ lam.T                                          # [K, K]
-    factors: list[tuple[Tensor, Tensor]] = [f for f in previous] if previous else []
-    for k in range(k_count):
-        if c[k, k] <= 0:
-            u = deltas[0].new_zeros(deltas[0].shape[0], ranks[k])
-            v = deltas[0].new_zeros(deltas[0].shape[1], ranks[k])
-        else:
-            target = torch.zeros_like(deltas[0])
-            for m, delta in enumerate(deltas):
-                target.add_(delta, alpha=float(lam[k, m]))
-            for j, (uj, vj) in enumerate(factors):  # round 1: only the LoRAs fitted so far
-                if j != k:
-                    target.addmm_(uj.to(target.dtype), vj.to(target.dtype).T, alpha=-float(c[k, j]))
-            target /= c[k, k]
-            start = factors[k][1].to(target.dtype) if previous is not None else None
-            u, v = truncated_svd(target, ranks[k], start, generator, power_iters)
-            del target
-        if k < len(factors):
-            factors[k] = (u, v)
-        else:
-            factors.append((u, v))
-    return factors, layer_accumulators(deltas, factors)
-
-
 def refit_exact(deltas: Sequence[Tensor], lam: Tensor, weights: Tensor, factors: Sequence[tuple[Tensor, Tensor]],
                 ranks: Sequence[int], generator: torch.Generator,
-                power_iters: int = 2) -> tuple[list[tuple[Tensor, Tensor]], LayerFit]:
+                power_iters: int = 1) -> tuple[list[tuple[Tensor, Tensor]], LayerFit]:
     """The exact refinement of one layer (docs/hyper.md, step 5): one Gauss-Seidel sweep on the full
     differences, every D_k refitted in turn as the rank-r_k truncation of
 
@@ -161,34 +140,35 @@ def refit_exact(deltas: Sequence[Tensor], lam: Tensor, weights: Tensor, factors:
 
     the exact minimiser of sum_m w[m] |dW[m] - sum_k lam[k,m] D[k]|^2 for fixed lam (the rounds' D-step,
     without the sketch's subspace), by subspace iteration warm-started from the current factors' row
-    space (`factors`: (U*S [out, r], V [in, r]) in full coordinates). Returns the new factors and the
+    space (`factors`: (U*S [out, r], V [in, r]) in full coordinates). The other LoRAs' term is applied as a
+    low-rank correction inside the products (never a dense matrix). Returns the new factors and the
     accumulators on the full differences (core_sq None: the error is exact)."""
     dtype = deltas[0].dtype
-    stacked = torch.stack(list(deltas))                                         # [M, out, in]
     lam64 = lam.double()
     w = weights.double()
     c = (lam64 * w) @ lam64.T
-    dense = [u.to(dtype) @ v.to(dtype).T for u, v in factors]
-    new = list(factors)
+    new = [(u.to(dtype), v.to(dtype)) for u, v in factors]
     for k in range(lam.shape[0]):
         if float(c[k, k]) <= 0:
             continue
-        coef = (w * lam64[k] / c[k, k]).to(dtype)
-        target = torch.einsum("m,mij->ij", coef, stacked)
-        for j in range(lam.shape[0]):
-            if j != k:
-                target.sub_(dense[j], alpha=float(c[k, j] / c[k, k]))
-        u, v = truncated_svd(target, ranks[k], factors[k][1].to(dtype), generator, power_iters)
+        coef = (w * lam64[k] / c[k, k]).tolist()
+        target = deltas[0] * coef[0]
+        for m in range(1, len(deltas)):
+            target.add_(deltas[m], alpha=coef[m])
+        others = [j for j in range(lam.shape[0]) if j != k]
+        minus = None
+        if others:
+            minus = (torch.cat([new[j][0] * float(c[k, j] / c[k, k]) for j in others], dim=1),
+                     torch.cat([new[j][1] for j in others], dim=1))
+        new[k] = truncated_svd(target, ranks[k], new[k][1], generator, power_iters, minus)
         del target
-        new[k] = (u, v)
-        dense[k] = u @ v.T
-    del dense
     return new, layer_accumulators(deltas, new)
 
 
 def layer_accumulators(deltas: Sequence[Tensor], factors: Sequence[tuple[Tensor, Tensor]]) -> LayerFit:
-    """<D_j, D_k>, <dW_m, D_k> and |dW_m|^2 for one layer, with all K LoRAs stacked into one
-    [out, sum r] / [in, sum r] pair so the work is a few matrix products."""
+    """<D_j, D_k>, <dW_m, D_k> and |dW_m|^2 for one layer. <D_j, D_k> from the factors (small products);
+    <dW_m, D_k> from each D_k formed once (out x in x r_k) and M dot products, cheaper than projecting
+    every model onto every LoRA (M x out x in x r_k)."""
     dtype = deltas[0].dtype
     u_all = torch.cat([u.to(dtype) for u, _ in factors], dim=1)
     v_all = torch.cat([v.to(dtype) for _, v in factors], dim=1)
@@ -197,11 +177,15 @@ def layer_accumulators(deltas: Sequence[Tensor], factors: Sequence[tuple[Tensor,
     onehot = torch.nn.functional.one_hot(segment, len(sizes)).to(dtype)          # [sum r, K]
     pair = (u_all.T @ u_all) * (v_all.T @ v_all)                                  # [sum r, sum r]
     gram_dd = onehot.T @ pair @ onehot                                            # [K, K]
-    stacked = torch.stack(list(deltas))                                           # [M, out, in]
-    projected = stacked @ v_all                                                   # [M, out, sum r]
-    cross = (projected * u_all).sum(dim=1) @ onehot                               # [M, K]
-    delta_sq = torch.linalg.vector_norm(stacked.reshape(len(deltas), -1), dim=1, dtype=torch.float64) ** 2
-    return LayerFit(gram_dd.double().cpu(), cross.double().cpu(), delta_sq.cpu())
+    cross = torch.zeros(len(deltas), len(factors), dtype=torch.float64)
+    for k, (u, v) in enumerate(factors):
+        dense = u.to(dtype) @ v.to(dtype).T
+        for m, delta in enumerate(deltas):
+            cross[m, k] = torch.dot(delta.reshape(-1), dense.reshape(-1)).double()
+        del dense
+    # a dot product in the working dtype (blocked sums): a float64 norm would first copy the layer to float64
+    delta_sq = torch.tensor([float(torch.dot(d.reshape(-1), d.reshape(-1))) for d in deltas], dtype=torch.float64)
+    return LayerFit(gram_dd.double().cpu(), cross, delta_sq)
 
 
 def solve_lambdas(gram_dd: Tensor, cross: Tensor) -> Tensor:
@@ -238,12 +222,6 @@ def normalize_components(lam: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --- sketch + cores -----------------------------------------------------------------------------
-
-def sketch_width(total_rank: int) -> int:
-    """Columns of the sketch bases: the total rank plus oversampling (half of it, at least 32): flat
-    spectra need it (measured on the `broad` fixture: +16 columns cost 0.4 % of error against +27)."""
-    return int(total_rank) + max(32, int(total_rank) // 2)
-
 
 @dataclass
 class LayerSketch:
@@ -298,6 +276,69 @@ def sketch_layer(deltas: Sequence[Tensor], width: int, generator: torch.Generato
     else:
         cores = left
     return LayerSketch(q, p, cores.contiguous(), delta_sq, gram)
+
+
+def direction_widths(ranks: Sequence[int], directions: int) -> list[int]:
+    """Sketch columns per principal direction of a layer's differences (`sketch_directions`): the ranks
+    of the LoRAs that start on it (LoRA k on direction k mod `directions`, as `pca_lambdas` starts them)
+    plus a quarter of that (at least OVERSAMPLE); a direction no LoRA starts on gets OVERSAMPLE columns
+    (the rounds may still move strengths toward it)."""
+    assigned = [0] * max(1, directions)
+    for k, r in enumerate(ranks):
+        assigned[k % len(assigned)] += int(r)
+    return [r + max(2 * OVERSAMPLE, r // 2) if r else OVERSAMPLE for r in assigned]
+
+
+def sketch_directions(deltas: Sequence[Tensor], ranks: Sequence[int], generator: torch.Generator,
+                      power_iters: int = 2) -> LayerSketch:
+    """Bases of one layer from its principal directions, and the cores (docs/hyper.md, step 1).
+
+    The layer's M differences give an M x M Gram matrix; its eigenvectors v_j (at most M - 1 directions:
+    the differences from the average sum to zero) give the direction matrices E_j = sum_m v_j[m] dW_m. A
+    randomized range finder on each E_j alone (`direction_widths` columns, `power_iters` power iterations)
+    gives its dominant column and row spaces; Q and P are the orthonormalised unions (width p = the sum).
+    Every product is with one [out, in] matrix, not with all M, so the sketch costs about
+    (2 + 2 power_iters) x out x in x p, where sketching the M differences together costs M times that per
+    product; and each LoRA's starting direction gets its own columns, however small its share of the
+    energy. A side no wider than p is kept whole (exact)."""
+    stacked = torch.stack(list(deltas))                                     # [M, out, in]
+    m_count, out_dim, in_dim = stacked.shape
+    flat = stacked.reshape(m_count, -1)
+    gram = (flat @ flat.T).double()
+    delta_sq = torch.diagonal(gram).clone().cpu()
+    values, vectors = torch.linalg.eigh(gram.cpu())
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order], vectors[:, order]
+    top = float(values.clamp_min(0).max()) if values.numel() else 0.0
+    directions = max(1, min(m_count - 1, int((values > 1e-9 * max(top, 1e-300)).sum())))
+    widths = direction_widths(ranks, directions)
+    width = sum(widths)
+    device = stacked.device
+    q = p = None
+    if out_dim > width or in_dim > width:
+        cols, rows = [], []
+        for j, w in enumerate(widths):
+            w = min(w, out_dim, in_dim)
+            coef = vectors[:, j].to(stacked.dtype).to(device)
+            e = torch.einsum("m,mij->ij", coef, stacked)                    # [out, in]
+            omega = torch.randn(in_dim, w, generator=generator, dtype=torch.float32).to(device, e.dtype)
+            y = e @ omega
+            for _ in range(power_iters):
+                y = e @ (e.T @ _orthonormal(y))
+            qj = _orthonormal(y)
+            cols.append(qj)
+            rows.append(_orthonormal(e.T @ qj))
+            del e
+        if out_dim > width:
+            q = _orthonormal(torch.cat(cols, dim=1))
+        if in_dim > width:
+            p = _orthonormal(torch.cat(rows, dim=1))
+    if q is not None and p is not None and out_dim < in_dim:
+        cores = torch.matmul(q.T, stacked @ p)                              # the cheaper order
+    else:
+        left = stacked if q is None else torch.matmul(q.T, stacked)
+        cores = left if p is None else left @ p
+    return LayerSketch(q, p, cores.contiguous(), delta_sq, gram.cpu())
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ from ..io.safetensors_file import check_output_path
 from ..io.sources import ModelSource, open_model
 from ..lora.format import balanced_factors, base_model_metadata, factors_to_lora_tensors, save_lora, strength_tag
 from ..lora.keys import LoraModule, layer_deltas, lora_modules
+from ..memory import release_free_memory
 from ..plan import FLOAT_DTYPE_NAMES, check_architectures
 from ..io.safetensors_file import HEADER_SLACK
-from ..threads import SMALL_UNIT, map_ordered, thread_policy, workers_for
+from ..threads import SMALL_UNIT, map_ordered, resolve_threads, thread_policy, workers_for
 from . import decompose as D
 
 DTYPE_ALIASES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
@@ -51,7 +53,7 @@ class HyperConfig:
     floor: bool = True
     overwrite: bool = False
     threads: int | None = None
-    start: str = "all"         # "pca", "greedy", "reference" or "all" (see _decompose)
+    start: str = "auto"        # "pca", "greedy", "reference", "auto" (pca + reference) or "all" (START_SETS)
     budget: int | str | None = None   # ranks="auto": total bytes of the LoRA files, e.g. "500MB"
     target: float | None = None       # ranks="auto": mean relative error to reach, e.g. 0.05
     power: float = 2.0         # rounds minimise (mean_m e_m^power)^(1/power), e_m = relative error
@@ -83,13 +85,22 @@ def output_names(name: str, ranks: Sequence[int]) -> dict[str, str]:
 
 
 class _Ticker:
+    """Progress ticks, from the calling thread or the rounds' worker threads (one at a time). Once the
+    callback asked to stop, every later tick raises too, so a start running beside the one that saw the
+    request stops at its next round."""
+
     def __init__(self, progress: Progress | None, total: int):
         self.progress, self.total, self.done = progress, total, 0
+        self.cancelled = False
+        self._lock = threading.Lock()
 
     def __call__(self, label: str) -> None:
-        self.done = min(self.done + 1, self.total)
-        if self.progress is not None and self.progress(self.done, self.total, label) is False:
-            raise MergeCancelled("hyper-merge cancelled; nothing was written")
+        with self._lock:
+            self.done = min(self.done + 1, self.total)
+            if not self.cancelled and self.progress is not None:
+                self.cancelled = self.progress(self.done, self.total, label) is False
+            if self.cancelled:
+                raise MergeCancelled("hyper-merge cancelled; nothing was written")
 
 
 def _validate(sources: Sequence[ModelSource], modules: Sequence[LoraModule]) -> None:
@@ -176,25 +187,31 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
         tmp_fd = os.open(tmp, os.O_RDONLY)
         lock_exclusive(tmp_fd)
         n_layers = len(modules)
-        # the hyper checkpoint, the sketch pass (a tick per layer), the rounds of three starts and up to
+        # the hyper checkpoint, the sketch pass (a tick per layer), the rounds of every start and up to
         # EXACT_PASSES exact passes (a tick per layer); steps skipped or stopped early jump ahead at the end
-        ticker = _Ticker(cfg.progress, n_layers * (1 + EXACT_PASSES) + 1 + 3 * cfg.iterations)
+        n_starts = len(START_SETS.get(cfg.start, [cfg.start]))
+        ticker = _Ticker(cfg.progress, n_layers * (1 + EXACT_PASSES) + 1 + n_starts * cfg.iterations)
 
         # 1. The hyper model: the plain average of all models (every key), streamed by the engine.
         hyper_path = tmp / names["hyper"]
+        stages: dict[str, float] = {}   # seconds per stage, for the report
+        clock = time.perf_counter()
         merge(model_paths, "sma", output=hyper_path, dtype=dtype_name, device=device, threads=cfg.threads,
               hash_inputs=False)
         ticker("hyper checkpoint")
+        stages["hyper checkpoint"] = round(time.perf_counter() - clock, 2)
         hyper = open_model(hyper_path)
         try:
             rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq = _decompose(
-                cfg, sources, hyper, modules, ranks, device, ticker)
+                cfg, sources, hyper, modules, ranks, device, ticker, stages)
         finally:
             hyper.close()
 
         lam_rows = {s: [float(lam[k, m]) for k in range(len(ranks))] for m, s in enumerate(stems)}
         lora_names = [names[f"lora{k}"].rsplit(".", 1)[0] for k in range(len(ranks))]
+        clock = time.perf_counter()
         lora_paths = _write_loras(tmp, names, lora_names, modules, factors, ranks, lam_rows, out_dtype, cfg, arch)
+        stages["LoRA files"] = round(time.perf_counter() - clock, 2)
         report = _report(cfg, stems, modules, ranks, lam, fits, uncovered_sq, floor_sq, eigvals, rounds,
                          model_paths, [hyper_path] + lora_paths, arch, time.perf_counter() - started)
         if auto_info is not None:
@@ -202,6 +219,7 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
             auto_info["met"] = (auto_info["lora_bytes"] <= auto_info["budget_bytes"] if "budget_bytes" in auto_info
                                 else report["mean_relative_error_covered"] <= auto_info["target"])
             report["auto_ranks"] = auto_info
+        report["stage_seconds"] = stages
         if len(ranks) > len(stems) - 1:  # the reference's own setting (4 models, ranks 64 64 32 32) is one
             report["note"] = (f"{len(ranks)} LoRAs for {len(stems)} models: the models span at most "
                               f"{len(stems) - 1} directions around their average; the LoRAs beyond that add rank "
@@ -347,11 +365,11 @@ def _auto_ranks(cfg, model_paths, device, out_dtype) -> tuple[list[int], dict]:
     return ranks, info
 
 
-def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
+def _decompose(cfg, sources, hyper, modules, ranks, device, ticker, stages):
     """Sketch pass (the only pass over the files after the hyper checkpoint), then rounds on the cores."""
     m_count, k_count = len(sources), len(ranks)
     covered_keys = {mod.key for mod in modules}
-    width = D.sketch_width(sum(ranks))
+    width = sum(D.direction_widths(ranks, m_count - 1))   # the widest a layer's sketch gets
     largest = max(mod.out_features * mod.in_features for mod in modules)
     workers = workers_for(largest * m_count, cfg.threads, len(modules))
     small = largest * m_count < SMALL_UNIT   # small layers: one thread in all, no OpenMP team per op
@@ -366,7 +384,7 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         mod = modules[i]
         deltas = layer_deltas(sources, hyper, mod, device)
         generator = torch.Generator().manual_seed(D.module_seed(cfg.seed, mod.name))
-        sk = D.sketch_layer(deltas, width, generator, power_iters=SKETCH_POWER_ITERS)
+        sk = D.sketch_directions(deltas, ranks, generator, power_iters=SKETCH_POWER_ITERS)
         floor = None
         if cfg.floor:
             floor = torch.zeros(m_count, dtype=torch.float64)
@@ -379,6 +397,7 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
         return sk, floor
 
     # Pass 1: per layer the sketch, |dW|^2, the Gram matrix (for the PCA start) and the SVD floor.
+    clock = time.perf_counter()
     gram = torch.zeros(m_count, m_count, dtype=torch.float64)
     floor_sq = torch.zeros(m_count, dtype=torch.float64) if cfg.floor else None
     bases, cores, delta_sq = [], [], []
@@ -407,11 +426,13 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
             uncovered_sq += torch.tensor([float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
                                           for d in deltas])
     lam, eigvals = D.pca_lambdas(gram, k_count)
+    stages["sketch pass"] = round(time.perf_counter() - clock, 2)
 
     # Rounds on the cores, batched by shape.
     layer_ranks = [[min(r, mod.out_features, mod.in_features) for r in ranks] for mod in modules]
     groups = D.group_cores(cores, layer_ranks)
     del cores
+    release_free_memory()
     n_total = torch.stack(delta_sq).sum(dim=0)
     # Three starts, each refined by the same rounds: the principal components (all LoRAs at once), greedy
     # (LoRA after LoRA, strengths from each residual's principal component, least squares) and the
@@ -419,22 +440,31 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
     # Taken: the lowest objective among the results that leave no model worse off than the reference's.
     # The cores are small (a few hundred squared): one intra-op thread per op (a team costs more than it
     # gains on small LAPACK calls, and stalls when another process holds a core).
-    candidates = {}
     numel = [torch.tensor([float(modules[i].out_features * modules[i].in_features) for i in g.index],
                           dtype=torch.float64) for g in groups]
-    with thread_policy(cfg.threads, device, workers=1, small=True):
-        starts = ["pca", "greedy", "reference"] if cfg.start == "all" else [cfg.start]
-        for start in starts:
-            for group in groups:
-                group.factors = None
-            if start == "greedy":
-                start_lam = D.greedy_start(groups, k_count)
-            elif start == "reference":
-                start_lam = D.greedy_start(groups, k_count, rounds=max(cfg.iterations, 3),
-                                           layer_weights=[1.0 / n for n in numel], ones=True)
-            else:
-                start_lam = lam
-            candidates[start] = _rounds(cfg, groups, start_lam, delta_sq, n_total, ticker, start)
+    starts = START_SETS.get(cfg.start, [cfg.start])
+
+    def refine(start):  # each start refines factors of its own; the cores are shared (read only)
+        clock = time.perf_counter()
+        own = [D.CoreGroup(g.index, g.cores, g.ranks, g.core_sq) for g in shared]
+        if start == "greedy":
+            start_lam = D.greedy_start(own, k_count)
+        elif start == "reference":
+            start_lam = D.greedy_start(own, k_count, rounds=max(cfg.iterations, 3),
+                                       layer_weights=[1.0 / n for n in numel], ones=True)
+        else:
+            start_lam = lam
+        return _rounds(cfg, own, start_lam, delta_sq, n_total, ticker, start), round(time.perf_counter() - clock, 2)
+
+    # the starts are independent: one worker thread each (one intra-op thread per op), up to the threads
+    candidates, shared = {}, groups
+    start_workers = min(len(starts), resolve_threads(cfg.threads))
+    with thread_policy(cfg.threads, device, workers=start_workers, small=True):
+        for start, (result, seconds) in zip(starts, map_ordered(refine, starts, start_workers)):
+            candidates[start] = result
+            stages[f"rounds ({start} start)"] = seconds
+    shared = None  # the closure's reference to the cores: dropped with `groups` below
+    clock = time.perf_counter()
     # the lowest objective among the results that leave no model worse off than the reference's way
     anchor = candidates.get("reference", candidates[starts[-1]])
     best = anchor
@@ -468,15 +498,23 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker):
     # only the factors in full coordinates, and replace them layer by layer
     del bases, groups, group_factors, candidates, anchor, cand
     best["factors"] = None
+    release_free_memory()
+    stages["factors in full coordinates"] = round(time.perf_counter() - clock, 2)
     if sketched and float(best["rel"].max()) > 1e-6:
+        clock = time.perf_counter()
         lam, factors, fits = _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total,
                                            rounds, device, workers, small, ticker, factor_dtype)
+        stages["exact passes"] = round(time.perf_counter() - clock, 2)
     return rounds, lam, factors, fits, uncovered_sq, eigvals, floor_sq
 
 
+# Starts the rounds refine (docs/hyper.md, step 2). "auto" leaves out greedy: on every benchmark fixture its
+# result was within 1 % of the reference way's and never taken (it never left every model at or below the
+# reference way's), and it was the slowest start (131 of 253 s of rounds at full size).
+START_SETS = {"auto": ["pca", "reference"], "all": ["pca", "greedy", "reference"]}
 FACTORS_FP32_LIMIT = 1.5 * 2**30  # bytes of float32 factors above which they are kept in float16
 EXACT_PASSES = 3        # at most this many exact refinement passes (each one streaming pass over the files)
-SKETCH_POWER_ITERS = 3  # the sketch's power iterations (docs/hyper.md, step 1)
+SKETCH_POWER_ITERS = 2  # the sketch's power iterations (docs/hyper.md, step 1)
 
 
 def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_total, rounds, device, workers, small,
@@ -492,7 +530,6 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
     # plain least squares (w = 1): the full data's own optimum, toward which the reference's greedy steps go;
     # the guard keeps the models the rounds' weights lifted where they are
     weights = torch.ones(best["rel"].shape[0], dtype=torch.float64)
-    m_count, k_count = n_total.shape[0], best["lam"].shape[0]
     for index in range(EXACT_PASSES):
         started = time.perf_counter()
         lam, start_factors = state["lam"], state["factors"]
@@ -507,41 +544,100 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
             return [(u.to("cpu", factor_dtype), v.to("cpu", factor_dtype)) for u, v in new], fit
 
         new_factors, new_fits = [], []  # the pass's factors: with the kept ones, two copies at most
-        total_dd = torch.zeros(k_count, k_count, dtype=torch.float64)
-        total_cross = torch.zeros(m_count, k_count, dtype=torch.float64)
         with thread_policy(cfg.threads, device, workers=workers, small=small):
             for mod, (layer, fit) in zip(modules, map_ordered(refit, range(len(modules)), workers)):
                 ticker(f"exact pass {index + 1}/{EXACT_PASSES}: {mod.name}")
                 new_factors.append(layer)
                 new_fits.append(fit)
-                total_dd += fit.gram_dd
-                total_cross += fit.cross
-        new_lam, scale = _strengths(total_dd, total_cross, new_fits)
-        rel = D.squared_error(total_dd, total_cross, n_total, new_lam) / n_total.clamp_min(1e-300)
+        take, fits, rel, before, (all_rel, all_worse) = _select_layers(state["fits"], new_fits, lam, n_total, cfg.power)
+        if bool(all_worse.any()):  # taking every layer left these models worse off: they weigh more next pass
+            weights = _heavier(weights, all_worse, all_rel, before)
+            weights = weights / weights.mean()
         objective = _objective(rel, cfg.power)
-        worse = _worse(rel, state["rel"])
-        accepted = objective < state["objective"] and not bool(worse.any())
+        accepted = take is not None and objective < _objective(before, cfg.power)
         entry = {"round": f"exact {index + 1}", "relative_error": rel.tolist(),
                  "mean_relative_error": float(rel.mean()), "objective": objective,
+                 "layers_refitted": 0 if take is None else int(sum(take)),
                  "seconds": round(time.perf_counter() - started, 2)}
         if not accepted:
             del new_factors, new_fits
+            release_free_memory()
             rounds[-1].setdefault("exact_rejected", []).append(entry)
-            weights = _heavier(weights, worse, rel, state["rel"])
-            weights = weights / weights.mean()
             continue
+        total_dd = sum(f.gram_dd for f in fits)
+        total_cross = sum(f.cross for f in fits)
+        new_lam, scale = _strengths(total_dd, total_cross, fits)
         rounds.append(entry)
-        gain = (state["objective"] - objective) / max(state["objective"], 1e-300)
+        gain = 1 - objective / max(_objective(before, cfg.power), 1e-300)
         kept = state["factors"]  # the caller's list: each layer replaced in place, the old factors freed
         for i, layer in enumerate(new_factors):
-            for k, (u, _) in enumerate(layer):
+            if take[i]:
+                kept[i] = layer
+            for k, (u, _) in enumerate(kept[i]):
                 u.mul_(float(scale[k]))
-            kept[i] = layer
-        del new_factors
-        state = {"lam": new_lam, "factors": kept, "fits": new_fits, "rel": rel, "objective": objective}
-        if gain < cfg.tol:
+        del new_factors, new_fits
+        release_free_memory()
+        state = {"lam": new_lam, "factors": kept, "fits": fits, "rel": rel, "objective": objective}
+        if gain < cfg.tol and not bool(all_worse.any()):  # converged (a pass held back by the guard goes on)
             break
     return state["lam"], state["factors"], state["fits"]
+
+
+SELECT_STEPS = 40   # reweightings tried when choosing which layers take an exact pass's factors
+
+
+def _select_layers(old_fits, new_fits, lam, n_total, power):
+    """Which layers take an exact pass's new factors (docs/hyper.md, step 5). Every layer's change of each
+    model's error at the current strengths is known from the accumulators (old and new, both exact), so
+    choosing costs no file I/O. Candidates: (a) layers in order of the summed change of the relative
+    errors, each taken only while no model's summed change goes above zero (at the current strengths no
+    model is worse off; solving the strengths again can only lower each one's error); (b) the layers whose
+    change lowers sum_m mu[m] err[m], mu = 1 first (nearly every layer), then the models a choice left
+    worse off weigh more (`_heavier`), SELECT_STEPS times. Each candidate's strengths are solved by least
+    squares; taken: the one with the lowest objective among those that leave no model above its error
+    before. Errors before and after are computed the same way (from the summed accumulators), so rounding
+    cannot pass for a change. Returns (take per layer, or None when no candidate qualified; its fits; its
+    errors; the errors before; (errors, worse) of taking every layer)."""
+    def errors(take):
+        fits = [n if t else o for t, o, n in zip(take, old_fits, new_fits)]
+        total_dd = sum(f.gram_dd for f in fits)
+        total_cross = sum(f.cross for f in fits)
+        lam_mix = D.solve_lambdas(total_dd, total_cross)
+        return fits, D.squared_error(total_dd, total_cross, n_total, lam_mix) / n_total.clamp_min(1e-300)
+
+    count = len(new_fits)
+    before = errors([False] * count)[1]
+    change = torch.stack([D.fit_error(n, lam) - D.fit_error(o, lam) for o, n in zip(old_fits, new_fits)])
+    score = (change / n_total.clamp_min(1e-300)).sum(dim=1)
+    greedy = [False] * count
+    slack = torch.zeros(change.shape[1], dtype=torch.float64)
+    for i in torch.argsort(score).tolist():
+        if float(score[i]) >= 0:
+            break
+        if bool((slack + change[i] <= 0).all()):
+            greedy[i] = True
+            slack += change[i]
+    best = every = None
+    mu = torch.ones(change.shape[1], dtype=torch.float64)
+    for step in range(SELECT_STEPS + 2):
+        if step < SELECT_STEPS:
+            take = ((change * mu).sum(dim=1) < 0).tolist()
+        else:
+            take = greedy if step == SELECT_STEPS else [True] * count
+        fits, rel = errors(take)
+        worse = _worse(rel, before)
+        if step == SELECT_STEPS + 1:
+            every = rel
+        if any(take) and not bool(worse.any()):
+            objective = _objective(rel, power)
+            if best is None or objective < best[0]:
+                best = (objective, take, fits, rel)
+        elif step < SELECT_STEPS:
+            mu = _heavier(mu, worse, rel, before)
+    all_worse = _worse(every, before)
+    if best is None:
+        return None, None, every, before, (every, all_worse)
+    return best[1], best[2], best[3], before, (every, all_worse)
 
 
 def _strengths(total_dd, total_cross, fits) -> tuple[torch.Tensor, torch.Tensor]:
