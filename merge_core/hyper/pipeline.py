@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,21 +84,13 @@ def output_names(name: str, ranks: Sequence[int]) -> dict[str, str]:
 
 
 class _Ticker:
-    """Progress ticks (one at a time, whatever thread calls). Once the callback asked to stop, every later
-    tick raises too."""
-
     def __init__(self, progress: Progress | None, total: int):
         self.progress, self.total, self.done = progress, total, 0
-        self.cancelled = False
-        self._lock = threading.Lock()
 
     def __call__(self, label: str) -> None:
-        with self._lock:
-            self.done = min(self.done + 1, self.total)
-            if not self.cancelled and self.progress is not None:
-                self.cancelled = self.progress(self.done, self.total, label) is False
-            if self.cancelled:
-                raise MergeCancelled("hyper-merge cancelled; nothing was written")
+        self.done = min(self.done + 1, self.total)
+        if self.progress is not None and self.progress(self.done, self.total, label) is False:
+            raise MergeCancelled("hyper-merge cancelled; nothing was written")
 
 
 def _validate(sources: Sequence[ModelSource], modules: Sequence[LoraModule]) -> None:
@@ -148,6 +139,8 @@ def _run_hyper(cfg: HyperConfig) -> HyperResult:
         raise MergeError(f"ranks must be positive integers, got {list(cfg.ranks)}")
     if cfg.iterations < 1:
         raise MergeError("iterations must be >= 1")
+    if cfg.start not in START_SETS and cfg.start not in START_SETS["all"]:
+        raise MergeError(f"start must be one of {', '.join([*START_SETS, *START_SETS['all']])}, got {cfg.start!r}")
     dtype_name = DTYPE_ALIASES.get(str(cfg.dtype).lower())
     if dtype_name is None:
         raise MergeError(f"unknown dtype {cfg.dtype!r} (float16, bfloat16 or float32)")
@@ -560,6 +553,8 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
             del new_factors, new_fits
             release_free_memory()
             rounds[-1].setdefault("exact_rejected", []).append(entry)
+            if _objective(all_rel, cfg.power) >= _objective(before, cfg.power):
+                break  # even every layer's refit does not lower F: the full differences add nothing here
             continue
         total_dd = sum(f.gram_dd for f in fits)
         total_cross = sum(f.cross for f in fits)
@@ -590,8 +585,8 @@ def _select_layers(old_fits, new_fits, lam, n_total, power):
     errors, each taken only while no model's summed change goes above zero (at the current strengths no
     model is worse off; solving the strengths again can only lower each one's error); (b) the layers whose
     change lowers sum_m mu[m] err[m], mu = 1 first (nearly every layer), then the models a choice left
-    worse off weigh more (`_heavier`), SELECT_STEPS times. Each candidate's strengths are solved by least
-    squares; taken: the one with the lowest objective among those that leave no model above its error
+    worse off weigh more (`_heavier`), up to SELECT_STEPS times until one leaves no model worse off; (c)
+    every layer. Each candidate's strengths are solved by least squares; taken: the one with the lowest objective among those that leave no model above its error
     before. Errors before and after are computed the same way (from the summed accumulators), so rounding
     cannot pass for a change. Returns (take per layer, or None when no candidate qualified; its fits; its
     errors; the errors before; (errors, worse) of taking every layer)."""
@@ -614,27 +609,26 @@ def _select_layers(old_fits, new_fits, lam, n_total, power):
         if bool((slack + change[i] <= 0).all()):
             greedy[i] = True
             slack += change[i]
-    best = every = None
+    chosen = []   # (b): reweight until a choice leaves no model worse off
     mu = torch.ones(change.shape[1], dtype=torch.float64)
-    for step in range(SELECT_STEPS + 2):
-        if step < SELECT_STEPS:
-            take = ((change * mu).sum(dim=1) < 0).tolist()
-        else:
-            take = greedy if step == SELECT_STEPS else [True] * count
-        fits, rel = errors(take)
+    for _ in range(SELECT_STEPS):
+        take = ((change * mu).sum(dim=1) < 0).tolist()
+        rel = errors(take)[1]
         worse = _worse(rel, before)
-        if step == SELECT_STEPS + 1:
-            every = rel
-        if any(take) and not bool(worse.any()):
-            objective = _objective(rel, power)
-            if best is None or objective < best[0]:
-                best = (objective, take, fits, rel)
-        elif step < SELECT_STEPS:
-            mu = _heavier(mu, worse, rel, before)
-    all_worse = _worse(every, before)
+        if not bool(worse.any()):
+            chosen.append(take)
+            break
+        mu = _heavier(mu, worse, rel, before)
+    best = None
+    for take in chosen + [greedy, [True] * count]:   # every layer last: its errors are returned too
+        fits, rel = errors(take)
+        if any(take) and not bool(_worse(rel, before).any()):
+            if best is None or _objective(rel, power) < _objective(best[2], power):
+                best = (take, fits, rel)
+    every = (rel, _worse(rel, before))
     if best is None:
-        return None, None, every, before, (every, all_worse)
-    return best[1], best[2], best[3], before, (every, all_worse)
+        return None, None, rel, before, every
+    return (*best, before, every)
 
 
 def _strengths(total_dd, total_cross, fits) -> tuple[torch.Tensor, torch.Tensor]:

@@ -430,3 +430,109 @@ def test_factors_kept_in_float16_when_large_give_the_same_set(tmp_path, monkeypa
             rel = float((d32 - d16).norm() / d32.norm().clamp_min(1e-30))
             assert rel < 5e-3, name  # float16 storage: ~1e-3 apart (and not bit-equal: it was taken)
         assert any(not torch.equal(l32[n][0], l16[n][0]) for n in l32)
+
+
+def test_sketch_per_direction_is_exact_when_each_direction_fits_its_columns():
+    """Three models whose differences from their average are mixtures of two direction matrices of rank 3
+    and 2: the Gram matrix's eigenvectors recover the directions, each range finder gets r + 16 columns,
+    so Q and P span every difference and the cores keep all of its energy (|C_m|^2 = |dW_m|^2)."""
+    from merge_core.hyper import decompose as D
+    g = torch.Generator().manual_seed(3)
+    out, inn = 300, 260
+    e1 = torch.randn(out, 3, generator=g) @ torch.randn(3, inn, generator=g)
+    e2 = torch.randn(out, 2, generator=g) @ torch.randn(2, inn, generator=g)
+    mix = torch.tensor([[1.0, 0.3], [-0.4, 1.0], [-0.6, -1.3]])
+    deltas = [float(a) * e1 + float(b) * e2 for a, b in mix]
+    sk = D.sketch_directions(deltas, [3, 2], g, power_iters=1)
+    assert sk.q is not None and sk.p is not None          # both sides wider than p = (3 + 16) + (2 + 16)
+    assert sk.q.shape[1] == sk.p.shape[1] == 37
+    core_sq = sk.cores.flatten(1).double().norm(dim=1) ** 2
+    assert torch.allclose(core_sq, sk.delta_sq, rtol=1e-5)
+    # and the bases are orthonormal
+    assert torch.allclose(sk.q.T @ sk.q, torch.eye(37), atol=1e-5)
+
+
+def test_direction_widths_follow_the_loras_that_start_on_each_direction():
+    from merge_core.hyper import decompose as D
+    # 4 models span 3 directions: LoRA 3 starts on direction 0 again (as pca_lambdas puts it)
+    assert D.direction_widths([64, 64, 32, 32], 3) == [96 + 48, 64 + 32, 32 + 16]
+    # 8 models, 4 LoRAs: the directions no LoRA starts on get 8 columns
+    assert D.direction_widths([48, 32, 16, 16], 7) == [72, 48, 32, 32, 8, 8, 8]
+
+
+def test_fit_cores_in_chunks_equals_one_batch(monkeypatch):
+    """The rounds sweep CORE_CHUNK layers at a time (on worker threads): per layer the D-step is independent,
+    so the factors and accumulators equal those of one batch (small cores: exact SVD, no random start)."""
+    from merge_core.hyper import decompose as D
+    g = torch.Generator().manual_seed(4)
+    cores = torch.randn(10, 3, 12, 11, generator=g)
+    lam = torch.tensor([[1.0, -0.5, 0.2], [0.3, 0.9, -1.0]])
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    results = {}
+    for chunk in (100, 3):
+        monkeypatch.setattr(D, "CORE_CHUNK", chunk)
+        group = D.CoreGroup(list(range(10)), cores, [3, 2], torch.zeros(10, 3, dtype=torch.float64))
+        first = D.fit_cores(group, lam, weights, workers=2)
+        second = D.fit_cores(group, lam, weights, workers=2)      # warm: from the first sweep's factors
+        results[chunk] = (first, second, group.factors)
+    for a, b in zip(results[100][:2], results[3][:2]):
+        assert torch.allclose(a[0], b[0], rtol=1e-5) and torch.allclose(a[1], b[1], rtol=1e-5)
+    for (u1, v1), (u2, v2) in zip(results[100][2], results[3][2]):
+        assert torch.allclose(u1 @ v1.transpose(-1, -2), u2 @ v2.transpose(-1, -2), atol=1e-5)
+
+
+def test_an_exact_pass_takes_only_the_layers_that_leave_no_model_worse():
+    """Two models, one LoRA, three layers. The pass's refit of layer 0 helps model 0 and hurts model 1 more
+    than layer 2's helps it; taking every layer leaves model 1 worse off. The choice takes layers 1 and 2:
+    both models end at or below their errors before the pass, the objective lower."""
+    from merge_core.hyper import decompose as D
+    from merge_core.hyper.pipeline import _objective, _select_layers
+
+    def fit(dd, cross, n):  # one LoRA: <D, D> = dd, <dW_m, D> = cross[m]
+        return D.LayerFit(torch.tensor([[dd]], dtype=torch.float64), torch.tensor(cross, dtype=torch.float64)[:, None],
+                          torch.tensor(n, dtype=torch.float64))
+
+    n = [[10.0, 10.0], [10.0, 10.0], [10.0, 10.0]]
+    old = [fit(1.0, [1.0, 1.0], n[0]), fit(1.0, [1.0, 1.0], n[1]), fit(1.0, [1.0, 1.0], n[2])]
+    new = [fit(1.0, [2.5, -0.5], n[0]), fit(1.0, [1.5, 1.2], n[1]), fit(1.0, [1.0, 1.4], n[2])]
+    n_total = torch.tensor([30.0, 30.0], dtype=torch.float64)
+    lam = torch.tensor([[1.0, 1.0]])
+    take, fits, rel, before, (every, every_worse) = _select_layers(old, new, lam, n_total, 2.0)
+    assert bool(every_worse[1]) and not bool(every_worse[0])            # all layers: model 1 worse off
+    assert take == [False, True, True]
+    assert bool((rel <= before).all())
+    assert _objective(rel, 2.0) < _objective(before, 2.0)
+    # the mix's errors are its accumulators' least squares errors
+    dd = sum(f.gram_dd for f in fits)
+    cross = sum(f.cross for f in fits)
+    lam_ls = cross[:, 0] / dd[0, 0]
+    direct = (n_total - 2 * lam_ls * cross[:, 0] + lam_ls ** 2 * dd[0, 0]) / n_total
+    assert torch.allclose(rel, direct)
+
+
+def test_an_unknown_start_is_refused(tmp_path):
+    lam_true = torch.tensor([[1.0, -0.6, 0.2]])
+    paths, _ = build_collection(tmp_path, lam_true, ranks=[2])
+    with pytest.raises(MergeError, match="start must be one of"):
+        run_hyper(HyperConfig(models=paths, name="x", out_dir=tmp_path, ranks=[2], start="random"))
+    assert not list(tmp_path.glob("x_*"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
+def test_release_free_memory_gives_freed_heap_back():
+    """256 MB in 64 KB tensors (heap blocks, below glibc's mmap threshold), every 64th kept: the freed
+    blocks sit between live ones, so glibc keeps them; release_free_memory (malloc_trim) returns them."""
+    from merge_core.memory import release_free_memory
+
+    def anon_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+
+    blocks = [torch.ones(16 * 1024) for _ in range(4096)]
+    kept = blocks[::64]
+    del blocks
+    held = anon_mb()
+    if not release_free_memory():
+        pytest.skip("no glibc malloc_trim here")
+    assert held - anon_mb() > 100, (held, anon_mb())
+    assert len(kept) == 64
