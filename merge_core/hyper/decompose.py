@@ -303,27 +303,28 @@ def sketch_directions(deltas: Sequence[Tensor], ranks: Sequence[int], generator:
     (2 + 2 power_iters) x out x in x p, where sketching the M differences together costs M times that per
     product; and each LoRA's starting direction gets its own columns, however small its share of the
     energy. A side no wider than p is kept whole (exact)."""
-    stacked = torch.stack(list(deltas))                                     # [M, out, in]
-    m_count, out_dim, in_dim = stacked.shape
-    flat = stacked.reshape(m_count, -1)
-    gram = (flat @ flat.T).double()
-    delta_sq = torch.diagonal(gram).clone().cpu()
-    values, vectors = torch.linalg.eigh(gram.cpu())
+    m_count = len(deltas)
+    out_dim, in_dim = deltas[0].shape
+    device, dtype = deltas[0].device, deltas[0].dtype
+    gram = gram_matrix(deltas)
+    delta_sq = torch.diagonal(gram).clone()
+    values, vectors = torch.linalg.eigh(gram)
     order = torch.argsort(values, descending=True)
     values, vectors = values[order], vectors[:, order]
     top = float(values.clamp_min(0).max()) if values.numel() else 0.0
     directions = max(1, min(m_count - 1, int((values > 1e-9 * max(top, 1e-300)).sum())))
     widths = direction_widths(ranks, directions)
     width = sum(widths)
-    device = stacked.device
     q = p = None
     if out_dim > width or in_dim > width:
         cols, rows = [], []
         for j, w in enumerate(widths):
             w = min(w, out_dim, in_dim)
-            coef = vectors[:, j].to(stacked.dtype).to(device)
-            e = torch.einsum("m,mij->ij", coef, stacked)                    # [out, in]
-            omega = torch.randn(in_dim, w, generator=generator, dtype=torch.float32).to(device, e.dtype)
+            coef = vectors[:, j].tolist()
+            e = deltas[0] * coef[0]                                         # [out, in]
+            for m in range(1, m_count):
+                e.add_(deltas[m], alpha=coef[m])
+            omega = torch.randn(in_dim, w, generator=generator, dtype=torch.float32).to(device, dtype)
             y = e @ omega
             for _ in range(power_iters):
                 y = e @ (e.T @ _orthonormal(y))
@@ -335,12 +336,29 @@ def sketch_directions(deltas: Sequence[Tensor], ranks: Sequence[int], generator:
             q = _orthonormal(torch.cat(cols, dim=1))
         if in_dim > width:
             p = _orthonormal(torch.cat(rows, dim=1))
-    if q is not None and p is not None and out_dim < in_dim:
-        cores = torch.matmul(q.T, stacked @ p)                              # the cheaper order
-    else:
-        left = stacked if q is None else torch.matmul(q.T, stacked)
-        cores = left if p is None else left @ p
+
+    def core(delta):  # Q^T dW P, the cheaper order first
+        if q is not None and p is not None and out_dim < in_dim:
+            return q.T @ (delta @ p)
+        left = delta if q is None else q.T @ delta
+        return left if p is None else left @ p
+
+    cores = torch.stack([core(d) for d in deltas])                          # [M, a, b]
     return LayerSketch(q, p, cores.contiguous(), delta_sq, gram.cpu())
+
+
+GRAM_CHUNK = 1 << 20   # elements per model and block in gram_matrix
+
+
+def gram_matrix(deltas: Sequence[Tensor]) -> Tensor:
+    """<dW_m, dW_n> of one layer's differences [M, M] (float64), read once in blocks of GRAM_CHUNK elements
+    (one [M, block] matrix product each), without a stacked copy of the layer."""
+    flat = [d.reshape(-1) for d in deltas]
+    gram = torch.zeros(len(flat), len(flat), dtype=torch.float64)
+    for lo in range(0, flat[0].numel(), GRAM_CHUNK):
+        block = torch.stack([f[lo:lo + GRAM_CHUNK] for f in flat])
+        gram += (block @ block.T).double().cpu()
+    return gram
 
 
 @dataclass

@@ -367,10 +367,10 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker, stages):
     small = largest * m_count < SMALL_UNIT   # small layers: one thread in all, no OpenMP team per op
     total_rank = sum(ranks)
 
-    # Bases are kept for the final factors: float32, or float16 when that would not fit comfortably.
+    # Bases are kept for the final factors: float32, or float16 above BASES_FP32_LIMIT.
     basis_bytes = sum(((mod.out_features if mod.out_features > width else 0) +
                        (mod.in_features if mod.in_features > width else 0)) * width * 4 for mod in modules)
-    store = torch.float32 if basis_bytes < 1.5 * 2**30 else torch.float16
+    store = torch.float32 if basis_bytes < BASES_FP32_LIMIT else torch.float16
 
     def sketch(i):  # runs on the policy's workers (set once below)
         mod = modules[i]
@@ -502,6 +502,10 @@ def _decompose(cfg, sources, hyper, modules, ranks, device, ticker, stages):
 # result was within 1 % of the reference way's and never taken (it never left every model at or below the
 # reference way's), and it was the slowest start (131 of 253 s of rounds at full size).
 START_SETS = {"auto": ["pca", "reference"], "all": ["pca", "greedy", "reference"]}
+# bytes of float32 sketch bases above which they are kept in float16 (SD1.5, ranks 64 64 32 32: 1.4 GB in
+# float32). They only carry the rounds' factors into full coordinates (rounding 5e-4 relative per entry,
+# below the float16 LoRA files' own) and are dropped before the exact passes.
+BASES_FP32_LIMIT = 0.5 * 2**30
 FACTORS_FP32_LIMIT = 1.5 * 2**30  # bytes of float32 factors above which they are kept in float16
 EXACT_PASSES = 3        # at most this many exact refinement passes (each one streaming pass over the files)
 SKETCH_POWER_ITERS = 2  # the sketch's power iterations (docs/hyper.md, step 1)
