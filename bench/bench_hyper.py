@@ -66,8 +66,9 @@ def main() -> int:
                                  floor=False, overwrite=True, threads=args.threads, **extra))
     ours_s = time.perf_counter() - t0
     ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ours_err = [r["relative_error_covered"] for r in ours.report["per_model"]]
-    print(f"merge_core: {ours_s:.1f} s, peak RSS {ours_rss:.0f} MB, errors {['%.4f' % e for e in ours_err]}", flush=True)
+    report_err = [r["relative_error_covered"] for r in ours.report["per_model"]]
+    print(f"merge_core: {ours_s:.1f} s, peak RSS {ours_rss:.0f} MB, errors (its report) "
+          f"{['%.4f' % e for e in report_err]}", flush=True)
 
     # The reference, the per-model baseline and the floor all work on the same differences from the hyper model.
     sources = [open_model(p) for p in paths]
@@ -98,13 +99,33 @@ def main() -> int:
     lam, factors = reference_hyper(deltas_fp16, ranks, args.iterations)
     ref_s = time.perf_counter() - t0
     # reference error, from the original (undeflated) differences
+    # ours too, from the files it wrote (kohya's formula, the strengths of the multipliers file): the
+    # report's own figures are not taken on trust
+    strengths = {}
+    for line in ours.multipliers_path.read_text().splitlines():
+        name, tags = line.split(": ", 1)
+        strengths[name] = [float(t.rsplit(":", 1)[1].rstrip(">")) for t in tags.split()]
+    loras = [open_model(p) for p in ours.lora_paths]
     ref_sq = torch.zeros(len(paths), dtype=torch.float64)
+    ours_sq = torch.zeros(len(paths), dtype=torch.float64)
     for i, mod in enumerate(modules):
         deltas = layer_deltas(sources, hyper, mod, dev)
+        ours_d = []
+        for lora in loras:
+            down = lora.load(f"{mod.name}.lora_down.weight").to(dev).float()
+            up = lora.load(f"{mod.name}.lora_up.weight").to(dev).float()
+            alpha, rank = float(lora.load(f"{mod.name}.alpha")), down.shape[0]
+            ours_d.append((up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * (alpha / rank))
         for m, d in enumerate(deltas):
             recon = sum(float(lam[k, m]) * (u @ v.T) for k, (u, v) in enumerate(factors[i]))
             ref_sq[m] += float(torch.linalg.vector_norm(d - recon, dtype=torch.float64) ** 2)
+            mine = sum(strengths[paths[m].stem][k] * dk for k, dk in enumerate(ours_d))
+            ours_sq[m] += float(torch.linalg.vector_norm(d - mine, dtype=torch.float64) ** 2)
+    for lora in loras:
+        lora.close()
     ref_err = (ref_sq / norms).tolist()
+    ours_err = (ours_sq / norms).tolist()
+    print(f"merge_core from its files: {['%.4f' % e for e in ours_err]} (report: {['%.4f' % e for e in report_err]})")
     print(f"reference: {ref_s:.1f} s, errors {['%.4f' % e for e in ref_err]}", flush=True)
     for s in sources:
         s.close()
@@ -129,7 +150,7 @@ def main() -> int:
     print(table)
     print("rounds:", [round(r["mean_relative_error"], 4) for r in ours.report["rounds"]])
     out = Path(args.out) if args.out else DATA / f"bench_hyper_{args.fixture}.json"
-    out.write_text(json.dumps({"table": table, "ours": ours.report, "reference": ref_err,
+    out.write_text(json.dumps({"table": table, "ours": ours.report, "ours_from_files": ours_err, "reference": ref_err,
                                "per_model": pm_err, "floor": floor_err, "peak_rss_mb_ours": ours_rss,
                                "times": {"ours": ours_s, "reference": ref_s, "svd": svd_s}}, indent=2))
     return 0
