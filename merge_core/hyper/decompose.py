@@ -347,7 +347,7 @@ def sketch_directions(deltas: Sequence[Tensor], ranks: Sequence[int], generator:
     return LayerSketch(q, p, cores.contiguous(), delta_sq, gram.cpu())
 
 
-GRAM_CHUNK = 1 << 20   # elements per model and block in gram_matrix
+GRAM_CHUNK = 1 << 16   # elements per model and block in gram_matrix (float32 sums within a block: ~1e-6)
 
 
 def gram_matrix(deltas: Sequence[Tensor]) -> Tensor:

@@ -541,10 +541,11 @@ def test_release_free_memory_gives_freed_heap_back():
 def test_gram_matrix_is_accurate_on_large_layers():
     """The squared norms of the differences are every error's denominator and its part outside the sketch.
     One float32 product over a whole SD1.5 conv layer (tens of millions of squares) came out low enough that
-    the report said 0.0137 where the files gave 0.0172; the blocked sum in float64 matches float64 to 1e-9."""
+    the report said 0.0137 where the files gave 0.0172 (one float32 product here, 3.2 M squares: 1e-4 off);
+    summed in blocks of 64 K elements, in float64 across blocks, it matches float64 to 2e-6."""
     from merge_core.hyper import decompose as D
     g = torch.Generator().manual_seed(8)
     deltas = [torch.randn(1280, 2500, generator=g) * 0.02 + 0.001 * m for m in range(3)]
     exact = torch.stack([d.double().reshape(-1) for d in deltas])
     expected = exact @ exact.T
-    assert torch.allclose(D.gram_matrix(deltas), expected, rtol=1e-9, atol=0)
+    assert float(((D.gram_matrix(deltas) - expected).abs() / expected.abs().max()).max()) < 2e-6
