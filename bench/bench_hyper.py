@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fixtures import DATA, HYPER_FIXTURES, build_hyper_fixture, fixture_ranks  # noqa: E402
+from bench.hyper_files import lora_delta, read_multipliers  # noqa: E402
 from bench.hyper_reference import reference_hyper  # noqa: E402
 from merge_core.hyper.pipeline import HyperConfig, run_hyper  # noqa: E402
 from merge_core.io import open_model  # noqa: E402
@@ -101,21 +102,13 @@ def main() -> int:
     # reference error, from the original (undeflated) differences
     # ours too, from the files it wrote (kohya's formula, the strengths of the multipliers file): the
     # report's own figures are not taken on trust
-    strengths = {}
-    for line in ours.multipliers_path.read_text().splitlines():
-        name, tags = line.split(": ", 1)
-        strengths[name] = [float(t.rsplit(":", 1)[1].rstrip(">")) for t in tags.split()]
+    strengths = read_multipliers(ours.multipliers_path)
     loras = [open_model(p) for p in ours.lora_paths]
     ref_sq = torch.zeros(len(paths), dtype=torch.float64)
     ours_sq = torch.zeros(len(paths), dtype=torch.float64)
     for i, mod in enumerate(modules):
         deltas = layer_deltas(sources, hyper, mod, dev)
-        ours_d = []
-        for lora in loras:
-            down = lora.load(f"{mod.name}.lora_down.weight").to(dev).float()
-            up = lora.load(f"{mod.name}.lora_up.weight").to(dev).float()
-            alpha, rank = float(lora.load(f"{mod.name}.alpha")), down.shape[0]
-            ours_d.append((up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * (alpha / rank))
+        ours_d = [lora_delta(lora, mod.name).to(dev) for lora in loras]
         for m, d in enumerate(deltas):
             recon = sum(float(lam[k, m]) * (u @ v.T) for k, (u, v) in enumerate(factors[i]))
             ref_sq[m] += float(torch.linalg.vector_norm(d - recon, dtype=torch.float64) ** 2)

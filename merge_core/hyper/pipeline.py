@@ -516,11 +516,11 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
     """The exact refinement (docs/hyper.md, step 5): streaming passes over the files after the rounds. Per
     layer every D_k is refitted on the full differences with lam and the weights fixed (the rounds' D-step
     without the sketch's subspace, `D.refit_exact`); then every model's strengths are solved again by least
-    squares and the errors computed exactly from the pass's accumulators. A pass is kept only if it lowers
-    the objective and leaves no model worse off than the state it started from; otherwise the models it
-    left worse off weigh more (as in the rounds) and the next pass starts from the kept state again."""
-    state = {"lam": best["lam"], "factors": factors, "fits": best["fits"], "rel": best["rel"],
-             "objective": best["objective"]}
+    squares and the errors computed exactly from the pass's accumulators. `_select_layers` chooses which
+    layers take the refit; a pass is kept only if that choice lowers the objective and leaves no model worse
+    off than the state it started from. The models that taking every layer left worse off weigh more in the
+    next pass (as in the rounds), which starts from the kept state."""
+    state = {"lam": best["lam"], "factors": factors, "fits": best["fits"]}
     # plain least squares (w = 1): the full data's own optimum, toward which the reference's greedy steps go;
     # the guard keeps the models the rounds' weights lifted where they are
     weights = torch.ones(best["rel"].shape[0], dtype=torch.float64)
@@ -573,7 +573,7 @@ def _refine_exact(cfg, sources, hyper, modules, layer_ranks, best, factors, n_to
                 u.mul_(float(scale[k]))
         del new_factors, new_fits
         release_free_memory()
-        state = {"lam": new_lam, "factors": kept, "fits": fits, "rel": rel, "objective": objective}
+        state = {"lam": new_lam, "factors": kept, "fits": fits}
         if gain < cfg.tol and not bool(all_worse.any()):  # converged (a pass held back by the guard goes on)
             break
     return state["lam"], state["factors"], state["fits"]
@@ -590,9 +590,9 @@ def _select_layers(old_fits, new_fits, lam, n_total, power):
     model is worse off; solving the strengths again can only lower each one's error); (b) the layers whose
     change lowers sum_m mu[m] err[m], mu = 1 first (nearly every layer), then the models a choice left
     worse off weigh more (`_heavier`), up to SELECT_STEPS times until one leaves no model worse off; (c)
-    every layer. Each candidate's strengths are solved by least squares; taken: the one with the lowest objective among those that leave no model above its error
-    before. Errors before and after are computed the same way (from the summed accumulators), so rounding
-    cannot pass for a change. Returns (take per layer, or None when no candidate qualified; its fits; its
+    every layer. Each candidate's strengths are solved by least squares; taken: the one with the lowest
+    objective among those that leave no model above its error before. Errors before and after are computed
+    the same way (from the summed accumulators), so rounding cannot pass for a change. Returns (take per layer, or None when no candidate qualified; its fits; its
     errors; the errors before; (errors, worse) of taking every layer)."""
     def errors(take):
         fits = [n if t else o for t, o, n in zip(take, old_fits, new_fits)]

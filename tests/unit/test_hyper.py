@@ -49,21 +49,14 @@ def build_collection(tmp_path, lam_true, ranks, seed=0, noise=0.0):
 
 def apply_set(result, modules, stem):
     """An independent kohya LoRA application: W = hyper + sum_k up @ down * alpha / rank * strength."""
-    strengths = {}
-    for line in result.multipliers_path.read_text().splitlines():
-        name, tags = line.split(": ", 1)
-        strengths[name] = [float(t.rsplit(":", 1)[1].rstrip(">")) for t in tags.split()]
+    from bench.hyper_files import lora_delta, read_multipliers
+    strengths = read_multipliers(result.multipliers_path)
     with open_model(result.hyper_path) as h:
         out = {m.key: h.load(m.key).float().clone() for m in modules}
     for k, path in enumerate(result.lora_paths):
         with open_model(path) as lora:
             for m in modules:
-                down = lora.load(f"{m.name}.lora_down.weight").float()
-                up = lora.load(f"{m.name}.lora_up.weight").float()
-                alpha = float(lora.load(f"{m.name}.alpha"))
-                rank = down.shape[0]
-                delta = (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)) * (alpha / rank) * strengths[stem][k]
-                out[m.key] += delta.reshape(m.shape)
+                out[m.key] += (lora_delta(lora, m.name) * strengths[stem][k]).reshape(m.shape)
     return out
 
 
